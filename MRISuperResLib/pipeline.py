@@ -42,6 +42,7 @@ def infer_degradation(grid: Grid) -> OperatorSpec:
 @dataclass
 class RunOutput:
     volume: Volume
+    residual: Volume  # |A(x) - y| on the input grid: where the output disagrees with the measurement
     extras: Dict[str, Volume] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
@@ -76,4 +77,8 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
 
     info = {"method": m.name, "settings": resolved, "degradation": op.describe(), "device": str(dev)}
     info.update(result.info)
-    return RunOutput(wrap(result.x), {k: wrap(v) for k, v in result.extras.items()}, info)
+    with torch.no_grad():
+        res = (op.forward(result.x.detach().to(y.dtype)) - y).abs().to("cpu").numpy()
+    residual = Volume(np.ascontiguousarray(res), lr.grid, description="MRISuperRes residual |A(x) - y|")
+    info["residual_rel"] = float(np.linalg.norm(res) / max(float(np.linalg.norm(lr.array)), 1e-12))
+    return RunOutput(wrap(result.x), residual, {k: wrap(v) for k, v in result.extras.items()}, info)

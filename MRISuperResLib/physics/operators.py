@@ -114,7 +114,7 @@ class OperatorSpec:
             eff = hr_shape[a] / m if self.kind == "kspace" else f
             if abs(hr_shape[a] / f - round(hr_shape[a] / f)) > 1e-6:
                 warnings.warn("Factor %g does not divide size %d along axis %d: the last LR sample covers a partial "
-                              "block (effective factor %g)." % (f, hr_shape[a], a, eff), PartialBlockWarning)
+                              "block (effective factor %g)." % (f, hr_shape[a], a, eff), PartialBlockWarning, stacklevel=2)
             lr.append(m)
             fs.append(eff)
         return Operator(self, hr_shape, tuple(lr), tuple(fs))
@@ -128,7 +128,7 @@ class OperatorSpec:
             n = lr_shape[a] if f == 1.0 else self.hr_size(lr_shape[a], f)
             if f != 1.0 and abs(lr_shape[a] * f - n) > 1e-6:
                 warnings.warn("LR size %d times factor %g is not an integer along axis %d: the HR grid has %d voxels."
-                              % (lr_shape[a], f, a, n), PartialBlockWarning)
+                              % (lr_shape[a], f, a, n), PartialBlockWarning, stacklevel=2)
             hr.append(n)
         return Operator(self, tuple(hr), lr_shape, self.factors)
 

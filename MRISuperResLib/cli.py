@@ -1,0 +1,295 @@
+"""Command line: `python -m MRISuperResLib` (also installed as `mrisr`).
+
+Only this module prints progress events (JSON lines on stdout with `--progress jsonl`); logs and
+human-readable progress go to stderr. Exit codes: 0 ok, 1 internal error, 2 bad input or request,
+3 does not fit the device, 130 cancelled.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+
+from . import __version__
+from .errors import EXIT_CANCELLED, EXIT_INTERNAL, Cancelled, InputError, UserError
+from .physics import KINDS, PROFILES, OperatorSpec
+from .progress import JsonLinesSink, Progress, TextSink
+
+_EXTENSIONS = {}  # name -> (add_parser, ) for sub-commands contributed by sub-packages
+
+
+def _log(msg):
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def _add_operator_args(p, required):
+    p.add_argument("--operator", choices=KINDS, required=required,
+                   help="Degradation: slice-removal (keep 1 of k slices), thick-slice (slice profile average), "
+                        "downsample (box average), kspace (central k-space block).")
+    p.add_argument("--axis", type=int, nargs="+", default=None,
+                   help="ITK index axis (i, j, k = 0, 1, 2); several for downsample/kspace. Default 2.")
+    p.add_argument("--factor", type=float, nargs="+", default=None,
+                   help="LR/HR spacing ratio, > 1; one, or one per axis. Default 4.")
+    p.add_argument("--profile", choices=PROFILES, default="gaussian",
+                   help="Slice profile of thick-slice (Gaussian with FWHM = LR spacing, or box).")
+
+
+def _spec_from_args(args):
+    if args.operator is None:
+        if args.axis is not None or args.factor is not None:
+            raise InputError("--axis/--factor were given without --operator.",
+                             "Add --operator (slice-removal, thick-slice, downsample or kspace).")
+        return None
+    axes = args.axis if args.axis is not None else [2]
+    factors = args.factor if args.factor is not None else [4.0]
+    if len(factors) == 1:
+        factors = factors * len(axes)
+    return OperatorSpec.make(args.operator, axes if len(axes) > 1 else axes[0],
+                             factors if len(factors) > 1 else factors[0], args.profile)
+
+
+def _parse_sets(items):
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InputError("--set %r is not key=value." % item, "Example: --set iterations=50")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="mrisr", description="Super-resolution of brain MRI with diffusion priors.")
+    p.add_argument("--version", action="version", version="MRISuperResLib " + __version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("methods", help="List methods and their settings.")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("devices", help="List compute devices.")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("degrade", help="Simulate a low-resolution acquisition from a high-resolution volume.")
+    s.add_argument("--input", required=True)
+    s.add_argument("--output", required=True)
+    _add_operator_args(s, required=True)
+
+    s = sub.add_parser("run", help="Super-resolve a volume.")
+    s.add_argument("--method", default="bspline")
+    s.add_argument("--input", required=True)
+    s.add_argument("--output", required=True)
+    _add_operator_args(s, required=False)
+    s.add_argument("--model", default=None, help="Prior name (see `models list`) or folder with model.json.")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Method setting (repeatable).")
+    s.add_argument("--progress", choices=["text", "jsonl"], default="text")
+    s.add_argument("--uncertainty", default=None, help="Also write the per-voxel std over samples here.")
+    s.add_argument("--residual", default=None, help="Also write |A(x) - y| on the input grid here.")
+
+    s = sub.add_parser("metrics", help="PSNR and SSIM of a volume against a reference.")
+    s.add_argument("--reference", required=True)
+    s.add_argument("--test", required=True)
+    s.add_argument("--mask", default="auto", help="auto (head mask of the reference), none, or a mask file.")
+    s.add_argument("--data-range", type=float, default=None, help="Default: reference max - min.")
+    s.add_argument("--slice-axis", type=int, default=2, choices=[0, 1, 2])
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("demo", help="Degrade the bundled MNI152 example, super-resolve it, score it, draw it.")
+    s.add_argument("--out", default="out")
+    s.add_argument("--method", default=None, help="Default: the best method whose prior is installed.")
+    s.add_argument("--operator", choices=KINDS, default="thick-slice")
+    s.add_argument("--axis", type=int, default=2)
+    s.add_argument("--factor", type=float, default=4.0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    for _name, add in _extensions():
+        add(sub)
+    return p
+
+
+def _extensions():
+    """Sub-commands contributed by sub-packages (models, train, bench), when present."""
+    import importlib
+    import importlib.util
+
+    found = []
+    for modname in ("MRISuperResLib.priors.cli", "MRISuperResLib.training.cli", "MRISuperResLib.bench.cli"):
+        if importlib.util.find_spec(modname.rsplit(".", 1)[0]) and importlib.util.find_spec(modname):
+            found.append((modname, importlib.import_module(modname).add_parser))
+    return found
+
+
+# ---- commands ----
+
+def cmd_methods(args):
+    from .methods import available
+
+    items = [m.to_json() for m in available()]
+    if args.json:
+        print(json.dumps(items, indent=1))
+        return 0
+    for m in items:
+        print("%-20s %s" % (m["name"], m["title"]))
+        for s in m["settings"]:
+            print("    %-18s %-6s default %-8s %s" % (s["name"], s["type"], s["default"], s["help"]))
+    return 0
+
+
+def cmd_devices(args):
+    from .devices import list_devices
+
+    items = list_devices()
+    if args.json:
+        print(json.dumps(items, indent=1))
+    else:
+        for d in items:
+            print("%-8s %s%s" % (d["name"], d["title"], "  (%d MB free)" % d["free_mb"] if "free_mb" in d else ""))
+    return 0
+
+
+def cmd_degrade(args):
+    from .physics import lr_grid
+    from .volume import Volume, check_output_path, read_volume, write_volume
+
+    check_output_path(args.output, [args.input])
+    hr = read_volume(args.input)
+    spec = _spec_from_args(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = spec.bind_hr(hr.grid.shape)
+    for w in caught:
+        _log("warning: %s" % w.message)
+    import torch
+
+    y = op.forward(torch.as_tensor(hr.array, dtype=torch.float64)).to(torch.float32).numpy()
+    write_volume(Volume(y, lr_grid(hr.grid, op), description="MRISuperRes degrade %s" % json.dumps(spec.describe())),
+                 args.output)
+    _log("wrote %s: %s -> %s voxels (%s)" % (args.output, "x".join(map(str, op.hr_shape)),
+                                            "x".join(map(str, op.lr_shape)), json.dumps(op.describe())))
+    return 0
+
+
+def _load_prior_for(method, args, progress):
+    if not method.needs_prior:
+        if args.model:
+            progress.warning("Method %s uses no prior; --model is ignored." % method.name)
+        return None
+    try:
+        from .priors.store import default_prior, load_prior
+    except ImportError:
+        raise UserError("Method %s needs a %s prior, but the priors package is not available." % (
+            method.name, method.needs_prior), "Reinstall MRISuperResLib.") from None
+    from .devices import resolve_device
+
+    dev = resolve_device(args.device)
+    return load_prior(args.model, dev) if args.model else default_prior(method.needs_prior, dev)
+
+
+def cmd_run(args):
+    from .methods import get_method
+    from .pipeline import infer_degradation, super_resolve
+    from .volume import check_output_path, read_volume, write_volume
+
+    sink = JsonLinesSink() if args.progress == "jsonl" else TextSink()
+    progress = Progress(sink)
+    extra_paths = [p for p in (args.uncertainty, args.residual) if p]
+    outputs = [args.output] + extra_paths
+    if len(set(os.path.abspath(p) for p in outputs)) != len(outputs):
+        raise InputError("Output paths must differ from each other.", "Give distinct --output/--uncertainty/--residual.")
+    for path in outputs:
+        check_output_path(path, [args.input])
+    method = get_method(args.method)
+    overrides = _parse_sets(args.set)
+    method.resolve_settings(overrides)  # validate names and values before any work
+    lr = read_volume(args.input)
+    spec = _spec_from_args(args)
+    if spec is None:
+        spec = infer_degradation(lr.grid)
+        progress.warning("Degradation inferred from the voxel spacing: %s (override with --operator/--axis/--factor)."
+                         % json.dumps(spec.describe()))
+    sink({"event": "start", "method": method.name, "input": args.input, "output": args.output,
+          "device": args.device, "degradation": spec.describe(), "version": __version__})
+    prior = _load_prior_for(method, args, progress)
+    t0 = time.monotonic()
+    result = super_resolve(lr, method.name, spec, overrides, prior, args.device, args.seed, progress)
+    if args.uncertainty and "uncertainty" not in result.extras:
+        progress.warning("Method %s produced no uncertainty map (it needs several samples); %s not written."
+                         % (method.name, args.uncertainty))
+    written = []
+    try:
+        written.append(write_volume(result.volume, args.output))
+        if args.uncertainty and "uncertainty" in result.extras:
+            written.append(write_volume(result.extras["uncertainty"], args.uncertainty))
+        if args.residual:
+            written.append(write_volume(result.residual, args.residual))
+    except BaseException:
+        for path in written:  # all or nothing
+            os.remove(path)
+        raise
+    sink({"event": "result", "output": os.path.abspath(args.output), "seconds": round(time.monotonic() - t0, 3),
+          "grid": {"shape": list(result.volume.grid.shape), "spacing": list(result.volume.grid.spacing)},
+          "uncertainty": os.path.abspath(args.uncertainty) if args.uncertainty in written else None,
+          "residual": os.path.abspath(args.residual) if args.residual in written else None,
+          "info": result.info})
+    return 0
+
+
+def cmd_metrics(args):
+    from .metrics import compare
+    from .volume import read_volume
+
+    ref = read_volume(args.reference)
+    test = read_volume(args.test)
+    mask = args.mask
+    if mask not in ("auto", "none"):
+        mask = read_volume(mask)
+    scores = compare(ref, test, mask=mask, data_range=args.data_range, slice_axis=args.slice_axis)
+    if args.json:
+        print(json.dumps(scores, indent=1))
+    else:
+        for k in ("psnr", "psnr_masked", "ssim", "ssim_masked", "ssim_slices", "ssim_slices_masked"):
+            if k in scores:
+                print("%-20s %.4f" % (k, scores[k]))
+        print("%-20s %.4g" % ("data_range", scores["data_range"]))
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {"methods": cmd_methods, "devices": cmd_devices, "degrade": cmd_degrade, "run": cmd_run,
+            "metrics": cmd_metrics, "demo": cmd_demo}
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    jsonl = getattr(args, "progress", None) == "jsonl"
+    try:
+        return int(handler(args) or 0)
+    except UserError as exc:
+        return _fail(str(exc), exc.exit_code, jsonl)
+    except (Cancelled, KeyboardInterrupt):
+        return _fail("Cancelled.", EXIT_CANCELLED, jsonl)
+    except Exception as exc:  # a bug: keep the traceback for the report, one line for the user
+        traceback.print_exc(file=sys.stderr)
+        return _fail("Internal error (%s: %s). Please report it with the log above." % (type(exc).__name__, exc),
+                     EXIT_INTERNAL, jsonl)
+
+
+def _fail(message, code, jsonl):
+    if jsonl:
+        JsonLinesSink()({"event": "error", "message": message, "exit_code": code})
+    _log("error: " + message)
+    return code
