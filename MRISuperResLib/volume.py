@@ -143,7 +143,7 @@ def from_sitk(img: sitk.Image, source: str = "image") -> Volume:
                          "Check that the right file was chosen.")
     d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
     grid = Grid(size, img.GetSpacing(), img.GetOrigin(), d)
-    desc = img.GetMetaData("descrip") if img.HasMetaDataKey("descrip") else ""
+    desc = next((img.GetMetaData(k) for k in ("ITK_FileNotes", "descrip") if img.HasMetaDataKey(k)), "")
     return Volume(np.ascontiguousarray(array), grid, description=desc)
 
 
@@ -194,8 +194,8 @@ def write_volume(vol: Volume, path, description=None) -> str:
     img = to_sitk(vol)
     desc = vol.description if description is None else description
     if desc:
-        # NIfTI keeps 'descrip' (80 chars); NRRD and MHA keep arbitrary keys.
-        img.SetMetaData("descrip", desc[:79])
+        # ITK maps ITK_FileNotes to NIfTI's 'descrip' (80 chars) and keeps it as a field in NRRD and MHA.
+        img.SetMetaData("ITK_FileNotes", desc[:79])
     folder = os.path.dirname(os.path.abspath(path))
     suffix = _suffix(path)
     fd, tmp = tempfile.mkstemp(prefix=".mrisr-partial-", suffix=suffix, dir=folder)

@@ -1,0 +1,54 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _devices():
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append(pytest.param("cuda", marks=pytest.mark.gpu))
+    return out
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    """CPU always; CUDA too when present (marked gpu)."""
+    return torch.device(request.param)
+
+
+def rotation(ax, ay, az):
+    """A proper rotation matrix from three angles (radians)."""
+    cx, cy, cz = np.cos([ax, ay, az])
+    sx, sy, sz = np.sin([ax, ay, az])
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def smooth_volume(shape, seed=0, scale=4.0):
+    """A smooth random volume (low-pass noise), values roughly in [0, 1]."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    v = ndimage.gaussian_filter(rng.standard_normal(shape), scale)
+    v = (v - v.min()) / (v.max() - v.min())
+    return v.astype(np.float32)
+
+
+def phantom(shape, seed=0):
+    """A head-like phantom: an ellipsoid 'skull' shell, a brighter textured interior, dark background."""
+    i, j, k = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt((i / 0.8) ** 2 + (j / 0.85) ** 2 + (k / 0.75) ** 2)
+    tex = smooth_volume(shape, seed, scale=2.0)
+    v = np.where(r < 0.85, 0.4 + 0.6 * tex, 0.0) + np.where((r >= 0.85) & (r < 1.0), 0.9, 0.0)
+    return v.astype(np.float32)

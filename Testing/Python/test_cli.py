@@ -1,0 +1,134 @@
+"""The command line as users and the Slicer module call it: contracts, errors, exit codes, no leftovers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, phantom, rotation
+
+from MRISuperResLib.progress import parse_event
+from MRISuperResLib.volume import Volume, read_volume, write_volume
+
+
+def cli(*args, check=None):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "MRISuperResLib", *map(str, args)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    if check is not None:
+        assert r.returncode == check, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    hr = Volume.from_array(phantom((20, 22, 24), seed=5) * 800, spacing=(1.0, 1.0, 1.0),
+                           origin=(-10.5, 4.25, 2.0), direction=rotation(0.1, 0.2, 0.3))
+    write_volume(hr, str(d / "hr.nii.gz"))
+    return d
+
+
+def test_methods_json_contract():
+    items = json.loads(cli("methods", "--json", check=0).stdout)
+    names = [m["name"] for m in items]
+    assert {"trilinear", "bspline", "sinc"} <= set(names)
+    for m in items:
+        assert set(m) >= {"name", "title", "description", "settings"}
+        for s in m["settings"]:
+            assert set(s) >= {"name", "type", "default", "min", "max", "choices", "help"}
+            if "iteration" in s["name"]:
+                assert s["name"] == "iterations"
+
+
+def test_devices_json():
+    items = json.loads(cli("devices", "--json", check=0).stdout)
+    assert items[0]["name"] == "cpu"
+    for d in items[1:]:
+        assert d["name"].startswith("cuda:") and "free_mb" in d
+
+
+def test_degrade_run_metrics_round_trip(files):
+    d = files
+    r = cli("degrade", "--input", d / "hr.nii.gz", "--output", d / "lr.nrrd", "--operator", "thick-slice",
+            "--axis", 2, "--factor", 4, check=0)
+    lr = read_volume(str(d / "lr.nrrd"))
+    assert lr.grid.shape == (20, 22, 6) and lr.grid.spacing[2] == pytest.approx(4.0)
+    r = cli("run", "--method", "bspline", "--input", d / "lr.nrrd", "--output", d / "sr.nii.gz",
+            "--progress", "jsonl", "--residual", d / "res.nii.gz", check=0)
+    events = [e for e in map(parse_event, r.stdout.splitlines()) if e]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] in ("warning", "start") and kinds[-1] == "result"
+    assert any("inferred" in e.get("message", "") for e in events if e["event"] == "warning")
+    assert events[-1]["output"] == os.path.abspath(str(d / "sr.nii.gz"))
+    hr, sr = read_volume(str(d / "hr.nii.gz")), read_volume(str(d / "sr.nii.gz"))
+    assert sr.grid.allclose(hr.grid, atol=1e-5)
+    assert read_volume(str(d / "res.nii.gz")).grid.allclose(lr.grid, atol=1e-5)
+    m = json.loads(cli("metrics", "--reference", d / "hr.nii.gz", "--test", d / "sr.nii.gz", "--json", check=0).stdout)
+    assert {"psnr", "psnr_masked", "ssim", "ssim_slices", "data_range"} <= set(m)
+    assert m["data_range"] == pytest.approx(float(hr.array.max() - hr.array.min()))
+    assert 15 < m["psnr"] < 60
+
+
+def test_run_with_explicit_operator_and_settings(files):
+    d = files
+    cli("degrade", "--input", d / "hr.nii.gz", "--output", d / "lr_sr.mha", "--operator", "slice-removal",
+        "--axis", 1, "--factor", 2, check=0)
+    cli("run", "--method", "trilinear", "--input", d / "lr_sr.mha", "--output", d / "o.mha", "--operator",
+        "slice-removal", "--axis", 1, "--factor", 2, check=0)
+    assert read_volume(str(d / "o.mha")).grid.shape == (20, 22, 24)
+
+
+BAD = [
+    (["run", "--input", "{d}/missing.nii.gz", "--output", "{d}/x.nii.gz"], 2, "not found"),
+    (["run", "--input", "{d}/hr.nii.gz", "--output", "{d}/hr.nii.gz"], 2, "input path"),
+    (["run", "--method", "nope", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz"], 2, "Unknown method"),
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--set", "iterations=3"], 2, "no setting"),
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--set", "junk"], 2, "key=value"),
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--operator", "thick-slice", "--factor", "1"],
+     2, "greater than 1"),
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--operator", "thick-slice", "--axis", "5"],
+     2, "out of range"),
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/nodir/x.nii.gz"], 2, "does not exist"),
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.txt"], 2, "extension"),
+    (["run", "--input", "{d}/hr.nii.gz", "--output", "{d}/x.nii.gz"], 2, "isotropic"),
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--device", "cuda:7"], 2, None),
+    (["degrade", "--input", "{d}/hr.nii.gz", "--output", "{d}/x.nii.gz", "--operator", "kspace", "--factor", "0.5"],
+     2, "greater than 1"),
+    (["metrics", "--reference", "{d}/hr.nii.gz", "--test", "{d}/lr.nrrd"], 2, "different grids"),
+]
+
+
+@pytest.mark.parametrize("args, code, words", BAD)
+def test_bad_requests_give_one_line_and_no_traceback(files, args, code, words):
+    d = files
+    if not (d / "lr.nrrd").exists():
+        cli("degrade", "--input", d / "hr.nii.gz", "--output", d / "lr.nrrd", "--operator", "thick-slice", check=0)
+    before = sorted(os.listdir(d))
+    mtime = os.path.getmtime(d / "hr.nii.gz")
+    r = cli(*[a.format(d=d) for a in args], "--progress", "jsonl") if args[0] == "run" else cli(
+        *[a.format(d=d) for a in args])
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    err_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err_lines) == 1
+    if words:
+        assert words.lower() in err_lines[0].lower()
+    if args[0] == "run":
+        events = [e for e in map(parse_event, r.stdout.splitlines()) if e]
+        assert events[-1]["event"] == "error" and events[-1]["exit_code"] == code
+    assert sorted(os.listdir(d)) == before  # nothing written, nothing half-written
+    assert os.path.getmtime(d / "hr.nii.gz") == mtime
+
+
+def test_bad_image_data_errors(tmp_path):
+    import SimpleITK as sitk
+
+    arr = np.ones((6, 6, 6), np.float32)
+    arr[2, 2, 2] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "nan.nrrd"))
+    r = cli("run", "--input", tmp_path / "nan.nrrd", "--output", tmp_path / "o.nrrd", "--operator", "thick-slice")
+    assert r.returncode == 2 and "NaN" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["nan.nrrd"]
