@@ -53,6 +53,9 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
     m = get_method(method)
     progress = progress or Progress()
     spec = spec or infer_degradation(lr.grid)
+    if spec.kind not in m.operators:
+        raise InputError("Method %s is not built for %s degradations." % (m.name, spec.kind),
+                         "It handles: %s. Choose another method or operator." % ", ".join(m.operators))
     defaults = prior.method_defaults(m.name, resolve_device(device).type) if prior is not None and hasattr(
         prior, "method_defaults") else None
     resolved = m.resolve_settings(settings, defaults)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..errors import InputError
+from ..physics.operators import KINDS as OPERATOR_KINDS
 
 TYPES = ("int", "float", "bool", "choice", "str")
 
@@ -95,6 +96,7 @@ class Method:
     settings: Sequence[Setting] = ()
     generative: bool = False
     needs_prior: Optional[str] = None  # kind of prior the method needs, e.g. "ldm"; None for baselines
+    operators: Sequence[str] = OPERATOR_KINDS  # degradations the method is built for
 
     def setting(self, name) -> Setting:
         for s in self.settings:
@@ -113,20 +115,21 @@ class Method:
 
     def to_json(self) -> dict:
         return {"name": self.name, "title": self.title, "description": self.description,
-                "generative": self.generative, "needs_prior": self.needs_prior,
+                "generative": self.generative, "needs_prior": self.needs_prior, "operators": list(self.operators),
                 "settings": [s.to_json() for s in self.settings]}
 
 
 _REGISTRY: Dict[str, Method] = {}
 
 
-def register(name, title, description, settings=(), generative=False, needs_prior=None):
+def register(name, title, description, settings=(), generative=False, needs_prior=None, operators=OPERATOR_KINDS):
     """Decorator: register `solve` under `name`."""
 
     def deco(solve):
         if name in _REGISTRY:
             raise ValueError("method %s registered twice" % name)
-        _REGISTRY[name] = Method(name, title, description, solve, tuple(settings), generative, needs_prior)
+        _REGISTRY[name] = Method(name, title, description, solve, tuple(settings), generative, needs_prior,
+                                 tuple(operators))
         return solve
 
     return deco

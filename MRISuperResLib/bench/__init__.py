@@ -1,0 +1,1 @@
+"""Benchmark: quality, speed and memory of every method on every case and suitable degradation."""

@@ -1,0 +1,97 @@
+"""Benchmark cases: high-resolution volumes with a name and a label.
+
+Sources: the MNI152 template (in-distribution for the default priors, which are trained on
+deformations of it), held-out synthetic brains (seeds the training never draws), and any folder of
+the user's HR volumes.
+"""
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Callable, List
+
+import numpy as np
+
+from ..errors import InputError
+from ..volume import Grid, Volume, read_volume
+
+# Through-plane axis k, in-plane i, j: the axial acquisitions the project targets.
+DEGRADATIONS = {
+    "slice-removal-4mm": ("slice-removal", 2, 4),
+    "slice-removal-8mm": ("slice-removal", 2, 8),
+    "thick-slice-4mm": ("thick-slice", 2, 4),
+    "kspace-2x": ("kspace", (0, 1), 2),
+    "kspace-4x": ("kspace", (0, 1), 4),
+}
+
+
+@dataclass
+class Case:
+    name: str
+    label: str  # "in-distribution", "held-out synthetic", "user"
+    load: Callable[[], Volume]
+
+
+def _crop(vol: Volume, multiple: int, max_shape=None) -> Volume:
+    """Centre-crop so every size is a multiple of `multiple` (and at most `max_shape`)."""
+    shape = np.asarray(vol.grid.shape)
+    target = shape - shape % multiple
+    if max_shape is not None:
+        target = np.minimum(target, np.asarray(max_shape) - np.asarray(max_shape) % multiple)
+    lo = (shape - target) // 2
+    sl = tuple(slice(int(a), int(a + t)) for a, t in zip(lo, target))
+    origin = vol.grid.index_to_physical(lo)
+    return Volume(np.ascontiguousarray(vol.array[sl]), Grid(target, vol.grid.spacing, origin, vol.grid.direction),
+                  description=vol.description)
+
+
+def mni152_case(quick=False) -> Case:
+    def load():
+        from ..demo import mni152_example
+
+        return _crop(mni152_example(), 8, (96, 112, 96) if quick else None)
+
+    return Case("mni152" + ("-crop" if quick else ""), "in-distribution", load)
+
+
+def synthetic_cases(n: int) -> List[Case]:
+    try:
+        from ..training import synth
+    except ImportError:
+        return []
+    out = []
+    for i in range(n):
+        seed = synth.HELD_OUT_SEED_START + i if hasattr(synth, "HELD_OUT_SEED_START") else 10**6 + i
+
+        def load(seed=seed):
+            return _crop(synth.held_out_volume(seed), 8)
+
+        if hasattr(synth, "held_out_volume"):
+            out.append(Case("synthetic-%d" % seed, "held-out synthetic", load))
+    return out
+
+
+def folder_cases(folder: str) -> List[Case]:
+    if not os.path.isdir(folder):
+        raise InputError("Case folder not found: %s." % folder, "Give a folder of HR volumes (.nii.gz, .nrrd, .mha).")
+    paths = sorted(p for ext in ("*.nii.gz", "*.nii", "*.nrrd", "*.mha") for p in glob.glob(os.path.join(folder, ext)))
+    if not paths:
+        raise InputError("No volumes in %s." % folder, "Put .nii.gz, .nii, .nrrd or .mha files there.")
+    return [Case(os.path.basename(p).split(".")[0], "user", lambda p=p: _crop(read_volume(p), 8)) for p in paths]
+
+
+def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:
+    """`names`: None for the default set, else a list of 'mni152', 'synthetic', or folder paths."""
+    if quick:
+        return [mni152_case(quick=True)]
+    if not names:
+        return [mni152_case()] + synthetic_cases(synthetic)
+    out = []
+    for n in names:
+        if n == "mni152":
+            out.append(mni152_case())
+        elif n == "synthetic":
+            out.extend(synthetic_cases(synthetic))
+        else:
+            out.extend(folder_cases(n))
+    return out

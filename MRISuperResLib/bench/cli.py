@@ -1,0 +1,67 @@
+"""`bench` sub-command."""
+
+import sys
+import time
+
+from ..errors import InputError
+from .cases import DEGRADATIONS
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="Quality, speed and memory of every method (tables and figures).")
+    p.add_argument("--out", required=True, help="Folder for results.json, results.csv, results.md and PNGs.")
+    p.add_argument("--quick", action="store_true",
+                   help="One small case, reduced settings (iterations/steps), every method: minutes on 2 cores.")
+    p.add_argument("--methods", nargs="+", default=None, help="Default: all (baselines are always included).")
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="mni152, synthetic (held-out synthetic brains) and/or folders of HR volumes.")
+    p.add_argument("--degradations", nargs="+", default=None, choices=sorted(DEGRADATIONS))
+    p.add_argument("--synthetic", type=int, default=2, help="Number of held-out synthetic brains.")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--profile", action="store_true",
+                   help="Instead: seconds/iteration and peak memory of the InverseSR methods at the published "
+                        "prior's full size, random weights.")
+    p.set_defaults(handler=handle)
+
+
+def handle(args):
+    from ..devices import resolve_device
+    from . import cases, report, runner
+
+    dev = str(resolve_device(args.device))
+    if args.profile:
+        return _profile(args, dev)
+    degs = args.degradations or (["slice-removal-4mm", "slice-removal-8mm", "kspace-4x"] if args.quick
+                                 else sorted(DEGRADATIONS))
+    cs = cases.resolve_cases(args.cases, quick=args.quick, synthetic=args.synthetic)
+    if not cs:
+        raise InputError("No benchmark cases.", "Give --cases mni152, synthetic or a folder of HR volumes.")
+
+    def load_prior(method):
+        try:
+            from ..priors.store import default_prior
+        except ImportError:
+            return None
+        return default_prior(method.needs_prior, resolve_device(dev))
+
+    t0 = time.time()
+    rows, figures = runner.run(cs, degs, args.methods, dev, args.quick,
+                               log=lambda m: sys.stderr.write(m + "\n"), load_prior=load_prior)
+    meta = {"machine": runner.machine_description(dev), "device": dev, "quick": args.quick,
+            "command": "python -m MRISuperResLib " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
+            else "python -m MRISuperResLib bench ...", "wall_seconds": round(time.time() - t0, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    paths = report.write_all(args.out, rows, figures, meta)
+    print(report.markdown_table([r.to_json() for r in rows]))
+    print("wrote %s, %s, %s and %d figures in %s (%.0f s)" % (paths["json"], paths["csv"], paths["md"],
+                                                             len([k for k in paths if k.startswith("figure")]) + 1,
+                                                             args.out, time.time() - t0))
+    return 0
+
+
+def _profile(args, dev):
+    try:
+        from ..priors import profile
+    except ImportError:
+        raise InputError("The profile mode needs the priors package.", "Reinstall MRISuperResLib.") from None
+    return profile.main(args, dev)

@@ -1,0 +1,138 @@
+"""Benchmark outputs: results.json, results.csv, results.md and PNG figures."""
+
+import csv
+import json
+import os
+
+import numpy as np
+
+COLUMNS = ["method", "case", "degradation", "psnr", "psnr_masked", "ssim", "ssim_slices", "seconds",
+           "peak_ram_mb", "peak_gpu_mb", "device", "baseline", "delta_psnr_masked_db", "time_ratio", "label", "error"]
+
+
+def _fmt(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return ("%." + str(nd) + "f") % v
+    return str(v)
+
+
+def markdown_table(rows, header="") -> str:
+    lines = [header] if header else []
+    lines += ["| method | case | degradation | PSNR | PSNR (mask) | d vs baseline (dB) | SSIM 3D | SSIM 2D | s | x baseline time "
+              "| peak RAM MB | peak GPU MB | device |",
+              "|" + "---|" * 13]
+    for r in rows:
+        if r["error"]:
+            lines.append("| %s | %s | %s | skipped: %s |  |  |  |  |  |  |  |  |  |" % (
+                r["method"], r["case"], r["degradation"], r["error"].split(". ")[0].replace("|", "/")))
+            continue
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["method"], r["case"], r["degradation"], _fmt(r["psnr"]), _fmt(r["psnr_masked"]),
+            _fmt(r["delta_psnr_masked_db"]), _fmt(r["ssim"], 4), _fmt(r["ssim_slices"], 4), _fmt(r["seconds"], 1),
+            _fmt(r["time_ratio"], 1), _fmt(r["peak_ram_mb"], 0), _fmt(r["peak_gpu_mb"], 0), r["device"]))
+    return "\n".join(lines) + "\n"
+
+
+def write_all(out_dir, rows, figures, meta) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    data = [r.to_json() for r in rows]
+    paths = {k: os.path.join(out_dir, v) for k, v in
+             dict(json="results.json", csv="results.csv", md="results.md", plot="psnr_masked.png").items()}
+    _atomic_json(paths["json"], data)
+    tmp = paths["csv"] + ".partial"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in data:
+            w.writerow(r)
+    os.replace(tmp, paths["csv"])
+    header = "Benchmark on %s. Command: `%s`.\n" % (meta["machine"], meta["command"])
+    _atomic_text(paths["md"], markdown_table(data, header))
+    _atomic_json(os.path.join(out_dir, "meta.json"), meta)
+    psnr_plot(paths["plot"], data)
+    for case, degs in figures.items():
+        for deg, views in degs.items():
+            p = os.path.join(out_dir, "%s_%s.png" % (case, deg))
+            case_figure(p, views, {r["method"]: r for r in data if r["case"] == case and r["degradation"] == deg})
+            paths["figure:%s:%s" % (case, deg)] = p
+    return paths
+
+
+def psnr_plot(path, data):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in data if not r["error"]]
+    degs = sorted({r["degradation"] for r in ok})
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(degs) + 2), 4))
+    width = 0.8 / max(1, len(methods))
+    for k, m in enumerate(methods):
+        vals = [np.mean([r["psnr_masked"] for r in ok if r["method"] == m and r["degradation"] == d] or [np.nan])
+                for d in degs]
+        ax.bar(np.arange(len(degs)) + k * width, vals, width, label=m)
+    ax.set_xticks(np.arange(len(degs)) + 0.4 - width / 2)
+    ax.set_xticklabels(degs, fontsize=8)
+    ax.set_ylabel("masked PSNR (dB), mean over cases")
+    ax.legend(fontsize=7, ncol=2)
+    finite = [r["psnr_masked"] for r in ok if np.isfinite(r["psnr_masked"])]
+    if finite:
+        ax.set_ylim(min(finite) - 3, max(finite) + 2)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def case_figure(path, views, rows):
+    """Rows: LR (nearest), truth, each method, then each method's error map; columns: three central views."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [k for k in views if k not in ("truth", "lr")]
+    names = ["lr", "truth"] + methods + ["err:" + m for m in methods]
+    fig, axes = plt.subplots(len(names), 3, figsize=(7, 2.2 * len(names)), squeeze=False)
+    lo, hi = np.percentile(np.concatenate([v.ravel() for v in views["truth"]]), [0.5, 99.5])
+    for r, name in enumerate(names):
+        for a in range(3):
+            ax = axes[r][a]
+            if name.startswith("err:"):
+                img = np.abs(views[name[4:]][a] - views["truth"][a])
+                ax.imshow(np.rot90(img), cmap="magma", vmin=0, vmax=0.25 * (hi - lo))
+            else:
+                ax.imshow(np.rot90(views[name][a]), cmap="gray", vmin=lo, vmax=hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        label = name
+        key = name[4:] if name.startswith("err:") else name
+        if key in rows and rows[key].get("psnr_masked") is not None and not name.startswith("err:"):
+            label += "\n%.2f dB" % rows[key]["psnr_masked"]
+        if name.startswith("err:"):
+            label = "|error| " + key
+        axes[r][0].set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    _save(fig, path, dpi=60)
+
+
+def _save(fig, path, dpi=80):
+    import matplotlib.pyplot as plt
+
+    tmp = path + ".partial.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_json(path, obj):
+    _atomic_text(path, json.dumps(obj, indent=1, default=float))
+
+
+def _atomic_text(path, text):
+    tmp = path + ".partial"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,41 @@
+"""The benchmark command writes every output with the contracted keys and same-run ratios."""
+
+import csv
+import json
+import os
+
+import pytest
+from conftest import phantom
+from test_cli import cli
+
+from MRISuperResLib.volume import Volume, write_volume
+
+KEYS = {"method", "case", "degradation", "psnr", "psnr_masked", "ssim", "ssim_slices", "seconds", "peak_ram_mb",
+        "peak_gpu_mb", "device"}
+
+
+def test_bench_on_a_folder_case(tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_volume(Volume.from_array(phantom((32, 32, 32), seed=1) * 300), str(cases / "head1.nii.gz"))
+    out = tmp_path / "bench"
+    cli("bench", "--out", out, "--cases", cases, "--methods", "trilinear", "--degradations", "slice-removal-4mm",
+        "kspace-2x", "--device", "cpu", check=0)
+    rows = json.load(open(out / "results.json"))
+    assert rows and all(KEYS <= set(r) for r in rows)
+    by = {(r["method"], r["degradation"]): r for r in rows}
+    # all three baselines in every comparison, each scored
+    for m in ("trilinear", "bspline", "sinc"):
+        for d in ("slice-removal-4mm", "kspace-2x"):
+            assert by[(m, d)]["psnr_masked"] is not None and by[(m, d)]["error"] is None
+    assert by[("bspline", "slice-removal-4mm")]["delta_psnr_masked_db"] == 0.0
+    assert by[("sinc", "kspace-2x")]["delta_psnr_masked_db"] == 0.0
+    d = by[("trilinear", "kspace-2x")]
+    assert d["delta_psnr_masked_db"] == pytest.approx(d["psnr_masked"] - by[("sinc", "kspace-2x")]["psnr_masked"],
+                                                      abs=1e-3)
+    assert all(r["peak_ram_mb"] > 10 for r in rows)
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == len(rows)
+    assert "| trilinear | head1 | kspace-2x |" in (out / "results.md").read_text()
+    for name in ("psnr_masked.png", "head1_slice-removal-4mm.png", "head1_kspace-2x.png"):
+        assert os.path.getsize(out / name) > 1000
+    assert not [p for p in os.listdir(out) if "partial" in p]
