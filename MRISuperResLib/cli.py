@@ -17,6 +17,7 @@ from . import __version__
 from .errors import EXIT_CANCELLED, EXIT_INTERNAL, Cancelled, InputError, UserError
 from .physics import KINDS, PROFILES, OperatorSpec
 from .progress import JsonLinesSink, Progress, TextSink
+from .volume import check_output_path, read_volume, write_volume
 
 _EXTENSIONS = {}  # name -> (add_parser, ) for sub-commands contributed by sub-packages
 
@@ -79,10 +80,10 @@ def build_parser():
     s.add_argument("--output", required=True)
     _add_operator_args(s, required=True)
 
-    s = sub.add_parser("run", help="Super-resolve a volume.")
+    s = sub.add_parser("run", help="Super-resolve a volume (or every volume of a folder).")
     s.add_argument("--method", default="bspline")
-    s.add_argument("--input", required=True)
-    s.add_argument("--output", required=True)
+    s.add_argument("--input", required=True, help="LR volume, or a folder of them (batch).")
+    s.add_argument("--output", required=True, help="Output volume, or a folder when --input is a folder.")
     _add_operator_args(s, required=False)
     s.add_argument("--model", default=None, help="Prior name (see `models list`) or folder with model.json.")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
@@ -156,7 +157,7 @@ def cmd_devices(args):
 
 def cmd_degrade(args):
     from .physics import lr_grid
-    from .volume import Volume, check_output_path, read_volume, write_volume
+    from .volume import Volume
 
     check_output_path(args.output, [args.input])
     hr = read_volume(args.input)
@@ -194,56 +195,110 @@ def _load_prior_for(method, args, progress):
 
 def cmd_run(args):
     from .methods import get_method
-    from .pipeline import infer_degradation, super_resolve
-    from .volume import check_output_path, read_volume, write_volume
 
     sink = JsonLinesSink() if args.progress == "jsonl" else TextSink()
     progress = Progress(sink)
-    extra_paths = [p for p in (args.uncertainty, args.residual) if p]
-    outputs = [args.output] + extra_paths
+    method = get_method(args.method)
+    overrides = _parse_sets(args.set)
+    method.resolve_settings(overrides)  # validate names and values before any work
+    spec = _spec_from_args(args)
+    if os.path.isdir(args.input):
+        return _run_batch(args, method, overrides, spec, sink, progress)
+    outputs = [p for p in (args.output, args.uncertainty, args.residual) if p]
     if len(set(os.path.abspath(p) for p in outputs)) != len(outputs):
         raise InputError("Output paths must differ from each other.", "Give distinct --output/--uncertainty/--residual.")
     for path in outputs:
         check_output_path(path, [args.input])
-    method = get_method(args.method)
-    overrides = _parse_sets(args.set)
-    method.resolve_settings(overrides)  # validate names and values before any work
     lr = read_volume(args.input)
-    spec = _spec_from_args(args)
+    prior = _load_prior_for(method, args, progress)
+    _run_one(args, method, overrides, spec, lr, args.input, args.output, args.uncertainty, args.residual,
+             prior, sink, progress)
+    return 0
+
+
+def _run_one(args, method, overrides, spec, lr, input_path, output, uncertainty, residual, prior, sink, progress):
+    from .pipeline import infer_degradation, super_resolve
+
     if spec is None:
         spec = infer_degradation(lr.grid)
-        progress.warning("Degradation inferred from the voxel spacing: %s (override with --operator/--axis/--factor)."
-                         % json.dumps(spec.describe()))
-    sink({"event": "start", "method": method.name, "input": args.input, "output": args.output,
+        progress.warning("%s: degradation inferred from the voxel spacing: %s (override with --operator/--axis/--factor)."
+                         % (os.path.basename(input_path), json.dumps(spec.describe())))
+    sink({"event": "start", "method": method.name, "input": input_path, "output": output,
           "device": args.device, "degradation": spec.describe(), "version": __version__})
-    prior = _load_prior_for(method, args, progress)
     t0 = time.monotonic()
     result = super_resolve(lr, method.name, spec, overrides, prior, args.device, args.seed, progress)
-    if args.uncertainty and "uncertainty" not in result.extras:
+    if uncertainty and "uncertainty" not in result.extras:
         progress.warning("Method %s produced no uncertainty map (it needs several samples); %s not written."
-                         % (method.name, args.uncertainty))
+                         % (method.name, uncertainty))
     written = []
     try:
-        written.append(write_volume(result.volume, args.output))
-        if args.uncertainty and "uncertainty" in result.extras:
-            written.append(write_volume(result.extras["uncertainty"], args.uncertainty))
-        if args.residual:
-            written.append(write_volume(result.residual, args.residual))
+        written.append(write_volume(result.volume, output))
+        if uncertainty and "uncertainty" in result.extras:
+            written.append(write_volume(result.extras["uncertainty"], uncertainty))
+        if residual:
+            written.append(write_volume(result.residual, residual))
     except BaseException:
         for path in written:  # all or nothing
             os.remove(path)
         raise
-    sink({"event": "result", "output": os.path.abspath(args.output), "seconds": round(time.monotonic() - t0, 3),
+    sink({"event": "result", "input": input_path, "output": os.path.abspath(output),
+          "seconds": round(time.monotonic() - t0, 3),
           "grid": {"shape": list(result.volume.grid.shape), "spacing": list(result.volume.grid.spacing)},
-          "uncertainty": os.path.abspath(args.uncertainty) if args.uncertainty in written else None,
-          "residual": os.path.abspath(args.residual) if args.residual in written else None,
+          "uncertainty": os.path.abspath(uncertainty) if uncertainty in written else None,
+          "residual": os.path.abspath(residual) if residual in written else None,
           "info": result.info})
+
+
+def _run_batch(args, method, overrides, spec, sink, progress):
+    """Every volume of a folder, one progress stream; bad files reported and skipped; existing outputs skipped."""
+    inputs = list_volumes(args.input)
+    if not inputs:
+        raise InputError("No volumes in folder %s." % args.input, "Put .nii.gz, .nii, .nrrd or .mha files there.")
+    folders = {"output": args.output, "uncertainty": args.uncertainty, "residual": args.residual}
+    for key, folder in folders.items():
+        if folder is None:
+            continue
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise InputError("With a folder as --input, --%s must be a folder too (%s is a file)." % (key, folder),
+                             "Give a folder for the results.")
+        if os.path.abspath(folder) == os.path.abspath(args.input):
+            raise InputError("--%s is the input folder." % key, "Write results to another folder; inputs are never touched.")
+        os.makedirs(folder, exist_ok=True)
+    prior = _load_prior_for(method, args, progress)
+    done, failed, skipped = 0, [], 0
+    for n, path in enumerate(inputs):
+        name = os.path.basename(path)
+        targets = {k: (os.path.join(f, name) if f else None) for k, f in folders.items()}
+        if os.path.exists(targets["output"]):
+            skipped += 1
+            progress.warning("%s: output exists, skipped (delete it to redo)." % name)
+            continue
+        sub = progress.sub(n / len(inputs), (n + 1) / len(inputs))
+        try:
+            lr = read_volume(path)
+            _run_one(args, method, overrides, spec, lr, path, targets["output"], targets["uncertainty"],
+                     targets["residual"], prior, sink, sub)
+            done += 1
+        except UserError as exc:
+            failed.append(name)
+            sink({"event": "warning", "message": "%s: skipped: %s" % (name, exc), "input": path})
+            _log("warning: %s: skipped: %s" % (name, exc))
+    _log("batch: %d done, %d skipped (existing), %d failed%s" % (done, skipped, len(failed),
+                                                               (": " + ", ".join(failed)) if failed else ""))
+    if failed and not done and not skipped:
+        raise InputError("Every file in the batch failed (%d)." % len(failed), "See the warnings above.")
     return 0
+
+
+def list_volumes(folder):
+    from .volume import SUPPORTED_SUFFIXES
+
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(SUPPORTED_SUFFIXES) and not n.startswith("."))
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
 
 
 def cmd_metrics(args):
     from .metrics import compare
-    from .volume import read_volume
 
     ref = read_volume(args.reference)
     test = read_volume(args.test)

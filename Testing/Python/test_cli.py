@@ -132,3 +132,26 @@ def test_bad_image_data_errors(tmp_path):
     r = cli("run", "--input", tmp_path / "nan.nrrd", "--output", tmp_path / "o.nrrd", "--operator", "thick-slice")
     assert r.returncode == 2 and "NaN" in r.stderr and "Traceback" not in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["nan.nrrd"]
+
+
+def test_batch_over_folder_skips_bad_files_and_resumes(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in range(2):
+        write_volume(Volume.from_array(phantom((10, 12, 4), seed=n) * 100, spacing=(1, 1, 4)), str(src / ("s%d.nrrd" % n)))
+    (src / "broken.nii.gz").write_bytes(b"garbage")
+    dst = tmp_path / "out"
+    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=0)
+    events = [e for e in map(parse_event, r.stdout.splitlines()) if e]
+    assert sorted(os.listdir(dst)) == ["s0.nrrd", "s1.nrrd"]
+    assert any(e["event"] == "warning" and "broken.nii.gz" in e["message"] for e in events)
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] <= 1.0
+    assert sum(e["event"] == "result" for e in events) == 2
+    assert read_volume(str(dst / "s0.nrrd")).grid.shape == (10, 12, 16)
+    mtime = os.path.getmtime(dst / "s0.nrrd")
+    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=0)
+    assert os.path.getmtime(dst / "s0.nrrd") == mtime  # resumable: existing outputs are skipped
+    assert "output exists" in r.stdout
+    r = cli("run", "--input", src, "--output", src, "--method", "bspline")
+    assert r.returncode == 2 and "input folder" in r.stderr
