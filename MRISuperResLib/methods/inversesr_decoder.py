@@ -1,0 +1,23 @@
+"""InverseSR(Decoder) (Wang et al., MICCAI 2023): optimise the latent z_0 through the prior's frozen decoder.
+
+Suited to low sparsity (e.g. 4 mm slices). Notation and steps: see priors/inversion.py.
+1. z_0 <- encoder mean of the interpolated input (init=encode) or N(0, I) (init=random, as in the paper)
+2. Adam on z_0 for `iterations` steps: loss = mean |A D(z_0) - y| (+ optional perceptual term)
+3. x = D(z_0), optionally with the observed data pasted back
+Defaults come from the prior's model card (the published prior: Adam, lr 0.07, 601 iterations).
+"""
+
+from ..priors import inversion
+from .registry import Setting, register
+
+SETTINGS = inversion.common_settings(iterations=200, lr=0.07) + [
+    Setting("init", "choice", "random", "Starting latent: 'random' (the paper) or 'encode' (the prior's encoder "
+            "applied to the interpolated input; converges in fewer iterations).", choices=("random", "encode")),
+]
+
+
+@register("inversesr-decoder", "InverseSR (decoder)",
+          "Fits the latent of a latent-diffusion prior's decoder to the observed slices (InverseSR, low sparsity).",
+          settings=SETTINGS, generative=True, needs_prior="ldm")
+def solve(y, physics, prior, settings, progress, generator):
+    return inversion.run("inversesr-decoder", y, physics, prior, settings, progress, generator)

@@ -1,0 +1,26 @@
+"""InverseSR(LDM) (Wang et al., MICCAI 2023): optimise the initial noise z_T and the conditioning c through
+the deterministic DDIM chain and the decoder.
+
+Suited to high sparsity (e.g. 8 mm slices). Notation and steps: see priors/inversion.py and priors/ddim.py.
+1. z_T ~ N(0, I); c = the card's default conditioning (0.5 each for the published prior)
+2. Adam on (z_T, c) for `iterations` steps: loss = mean |A D(DDIM(z_T, c)) - y| (+ optional perceptual term);
+   c is clamped to [0, 1] after each step; every DDIM step and decoder block is checkpointed
+3. x = D(DDIM(z_T, c)), optionally with the observed data pasted back
+With ddim_steps = 46 the chain is the paper's t = 991, 969, ..., 1.
+"""
+
+from ..priors import inversion
+from .registry import Setting, register
+
+SETTINGS = inversion.common_settings(iterations=200, lr=0.07) + [
+    Setting("ddim_steps", "int", 46, "Steps of the deterministic DDIM chain (46: the paper's 991, 969, ..., 1).",
+            min=1, max=1000),
+    Setting("optimise_conditioning", "bool", True, "Also fit the prior's conditioning values (e.g. age, sex)."),
+]
+
+
+@register("inversesr-ldm", "InverseSR (LDM)",
+          "Fits the initial noise and conditioning of a latent diffusion prior through its DDIM chain "
+          "(InverseSR, high sparsity).", settings=SETTINGS, generative=True, needs_prior="ldm")
+def solve(y, physics, prior, settings, progress, generator):
+    return inversion.run("inversesr-ldm", y, physics, prior, settings, progress, generator)

@@ -1,0 +1,89 @@
+"""Paired conditional diffusion: a DDPM trained on LR/HR pairs made by the run's operator, sampled with DDIM
+patch by patch (sliding window with overlap blending), conditioned on the B-spline upsampled input.
+
+Notation: y the LR input, up = B-spline (cubic) upsampling of y onto the HR grid, cond the operator (kind,
+profile, factor per axis), x0 the residual (x - up) / residual_scale, ab the cosine bar-alpha (diffusion/cosine.py).
+
+1. scale y to [-1, 1] (robust percentiles); up = cubic B-spline of y on the HR grid; cond from the operator
+2. z ~ N(0, I) on the HR grid, `samples` chains side by side
+3. for each (t, ab_t, ab_prev) of the `steps`-step DDIM chain:
+   a. eps_hat = UNet([z, up, cond], t) over overlapping 3D patches, blended (diffusion/patches.py)
+   b. z = DDIM step with `eta` (fresh noise when eta > 0), x0_hat clipped to the residual's range
+4. x = up + residual_scale * z; with `project`, x <- x + A^+ (y - A x)
+5. back to input units; the mean over samples is the output, their std the uncertainty.
+Every step's noise prediction covers the whole volume before the update, so all patches share one timestep
+and one noise draw, and overlapping patches never disagree about z.
+"""
+
+import torch
+
+from ..diffusion.cosine import PairedModel, condition_of, ddim_step, sampling_pairs
+from ..diffusion.intensity import robust_scale
+from ..diffusion.patches import sliding_window
+from ..errors import InputError
+from .registry import SEED, Setting, SolveResult, register
+
+SETTINGS = [
+    Setting("steps", "int", 20, "DDIM sampling steps.", min=1, max=1000),
+    Setting("eta", "float", 0.0, "DDIM stochasticity (0: deterministic given the seed, 1: DDPM-like).",
+            min=0.0, max=1.0),
+    Setting("samples", "int", 1, "Independent samples; the output is their mean, their std the uncertainty.",
+            min=1, max=64),
+    Setting("overlap", "float", 0.25, "Overlap of neighbouring patches (fraction of the patch).", min=0.0, max=0.9),
+    Setting("batch", "int", 2, "Patches per network call (each needs a few hundred MB on CPU; "
+            "raise it on a GPU).", min=1, max=1024),
+    Setting("project", "bool", False, "Finish with a projection onto the measurement (A x = y exactly; may ring "
+            "for thick-slice profiles)."),
+    SEED,
+]
+
+
+def _trained_for(prior, physics) -> bool:
+    ops = ((prior.card.get("paired") or {}).get("operators")) or []
+    return not ops or any(o.get("operator") == physics.spec.kind for o in ops)
+
+
+@register("paired-ddpm", "Paired conditional DDPM",
+          "Conditional diffusion model trained on LR/HR pairs of the run's degradation, sampled with DDIM over "
+          "overlapping 3D patches.", settings=SETTINGS, generative=True, needs_prior="paired")
+def solve(y, physics, prior, settings, progress, generator):
+    if prior is None:
+        raise InputError("paired-ddpm needs a paired prior.", "Give --model NAME|PATH of a prior made by `train paired`.")
+    model = PairedModel.from_prior(prior)
+    if not _trained_for(prior, physics):
+        progress.warning("Prior '%s' was not trained on %s degradations; expect poor results."
+                         % (prior.card.get("name"), physics.spec.kind))
+    steps, eta, n_samples = int(settings["steps"]), float(settings["eta"]), int(settings["samples"])
+    scale = robust_scale(y)
+    dev, dtype = y.device, torch.float32
+    net_dev = next(model.unet.parameters()).device
+    pairs = sampling_pairs(steps, model.alpha_bar)
+    cond = condition_of(physics).to(net_dev)
+    hr = (n_samples, 1) + tuple(physics.hr_shape)
+
+    def randn(shape):
+        return torch.randn(shape, generator=generator).to(dev, dtype)
+
+    with torch.no_grad():  # sampling only: nothing here is differentiated
+        yn = scale.to_unit(y.to(dtype))
+        up = physics.upsample(yn, "cubic")[None, None].expand(hr)
+        z = randn(hr)
+        for n, (t, ab_t, ab_prev) in enumerate(pairs, 1):
+            def eps_fn(chunk, t=t):
+                chunk = chunk.to(net_dev)
+                return model.eps(chunk[:, :1], chunk[:, 1:2], cond.expand(chunk.shape[0], -1), t).to(dev, dtype)
+
+            eps_hat = sliding_window(eps_fn, torch.cat([z, up], 1), model.patch, float(settings["overlap"]),
+                                     int(settings["batch"]))
+            z = ddim_step(z, eps_hat, ab_t, ab_prev, eta, randn(hr) if eta > 0 and ab_prev < 1.0 else None,
+                          model.clip)
+            progress(n, len(pairs), "DDIM step %d of %d (t = %d)" % (n, len(pairs), t))
+        x = (up + model.residual_scale * z)[:, 0]
+        if settings["project"]:
+            x = physics.data_consistency(x, yn)
+        out = scale.from_unit(x)
+        extras = {}
+        if n_samples > 1:
+            extras["uncertainty"] = out.std(0)
+    info = {"samples": n_samples, "patch": list(model.patch), "intensity_scale": [scale.lo, scale.hi]}
+    return SolveResult(out.mean(0), extras, info)

@@ -1,0 +1,105 @@
+"""Model cards (`model.json`): reading, checking, and the names priors may have.
+
+Schema 1 (agreed with the default-prior trainers; see priors/README section in the module docs):
+{"schema": 1, "name", "kind": "ldm"|"vdm"|"paired", "title", "description",
+ "networks": {role: {"class", "kwargs", "weights", "sha256"}}, "schedule": {...}, "latent": {...},
+ "grid": {"shape", "spacing", "orientation", "space"}, "intensity": {"range", "normalisation"},
+ "conditioning": null | {"names", "default", "as_channels", "as_context"}, "training", "licence",
+ "intended_use", "method_defaults": {method: {device_type: {setting: value}}}}
+"""
+
+import json
+import os
+import re
+from typing import Optional
+
+from ..errors import InputError
+
+CARD_FILE = "model.json"
+KINDS = ("ldm", "vdm", "paired")
+_NAME_BAD = re.compile(r"[^a-z0-9._-]+")
+
+
+def sanitise_name(name: str) -> str:
+    """A safe folder name: lower case, [a-z0-9._-], no leading dot or dash, at most 64 characters."""
+    raw = str(name or "")
+    s = _NAME_BAD.sub("-", raw.strip().lower())
+    s = re.sub(r"-{2,}", "-", s).strip(".-")[:64].strip(".-")
+    if not s:
+        raise InputError("'%s' cannot be used as a model name." % raw,
+                         "Use letters, digits, '.', '_' or '-', e.g. --name my-prior.")
+    return s
+
+
+def read_card(folder: str) -> dict:
+    """The checked model card of the prior stored in `folder`."""
+    path = os.path.join(folder, CARD_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            card = json.load(f)
+    except FileNotFoundError:
+        raise InputError("No %s in %s: this folder is not a prior." % (CARD_FILE, folder),
+                         "Give a prior's folder, or import the download with `models import PATH`.") from None
+    except (OSError, ValueError) as exc:
+        raise InputError("Cannot read the model card %s (%s)." % (path, exc),
+                         "Re-import the prior with `models import`.") from None
+    check_card(card, path)
+    return card
+
+
+def check_card(card: dict, where: str = CARD_FILE) -> None:
+    """Raise InputError naming the first problem of a card; the fields the code relies on must be there."""
+
+    def bad(problem, fix="Fix or regenerate the model card."):
+        raise InputError("Model card %s: %s" % (where, problem), fix)
+
+    if not isinstance(card, dict):
+        bad("it is not a JSON object.")
+    if card.get("schema") != 1:
+        bad("schema %r is not supported (this version reads schema 1)." % card.get("schema"),
+            "Update MRISuperRes, or re-export the prior.")
+    if card.get("kind") not in KINDS:
+        bad("kind %r is not one of %s." % (card.get("kind"), ", ".join(KINDS)))
+    if not isinstance(card.get("name"), str) or sanitise_name(card["name"]) != card["name"]:
+        bad("name %r is not a valid model name." % card.get("name"))
+    nets = card.get("networks")
+    if not isinstance(nets, dict) or not nets:
+        bad("'networks' is missing or empty.")
+    for role, net in nets.items():
+        if not isinstance(net, dict) or not all(k in net for k in ("class", "kwargs", "weights")):
+            bad("network '%s' needs 'class', 'kwargs' and 'weights'." % role)
+        w = str(net["weights"])
+        if os.path.basename(w.replace("\\", "/")) != w or w in ("", ".", ".."):
+            bad("network '%s' weight file %r must be a plain file name inside the prior's folder." % (role, w))
+    if card["kind"] == "ldm":
+        for role in ("autoencoder", "unet"):
+            if role not in nets:
+                bad("a latent diffusion prior needs networks 'autoencoder' and 'unet'.")
+        lat = card.get("latent") or {}
+        if len(lat.get("shape") or []) != 4:
+            bad("'latent.shape' must be [channels, i, j, k].")
+    grid = card.get("grid") or {}
+    if len(grid.get("shape") or []) != 3:
+        bad("'grid.shape' must list 3 sizes.")
+    cond = card.get("conditioning")
+    if cond is not None:
+        if len(cond.get("names") or []) != len(cond.get("default") or []) or not cond.get("names"):
+            bad("'conditioning' needs as many 'default' values as 'names'.")
+    md = card.get("method_defaults", {})
+    if not isinstance(md, dict):
+        bad("'method_defaults' must map method -> device type -> settings.")
+
+
+def method_defaults(card: dict, method: str, device_type: str) -> dict:
+    """Settings the card recommends for `method` on `device_type` ("cpu", "cuda", ...); {} when none."""
+    per_method = (card.get("method_defaults") or {}).get(method) or {}
+    out = dict(per_method.get("any") or {})
+    out.update(per_method.get(device_type) or {})
+    return out
+
+
+def card_summary(card: dict, path: Optional[str] = None) -> dict:
+    """The fields `models list` shows."""
+    return {"name": card["name"], "kind": card["kind"], "title": card.get("title", card["name"]),
+            "description": card.get("description", ""), "grid": card.get("grid", {}),
+            "licence": card.get("licence", ""), "intended_use": card.get("intended_use", ""), "path": path}

@@ -1,0 +1,192 @@
+"""Shared loop of the InverseSR methods (Wang et al., MICCAI 2023): fit a latent so that the degraded output
+matches the measurement.
+
+Notation: y LR measurement (input units); A the bound operator; P centre crop/pad between the HR grid and
+the prior's grid; N intensity map to the prior's range; G the generator (decoder, or DDIM chain + decoder);
+w latent variables (z_0, or z_T and conditioning c); f = A^cubic-upsampled N(y), the fill outside the
+prior's field of view.
+
+1. y_n = N(y); check memory/time for the device (refuse with numbers if it cannot fit).
+2. w_0: z_0 = encoder mean of P(f) ("encode") or Gaussian noise ("random"); z_T Gaussian, c = card default.
+3. repeat `iterations` times (Adam, learning rate `lr`):
+       x = P^-1(G(w), f);  loss = data_weight * mean|A x - y_n| + perceptual_weight * mean|E(U A x) - E(U y_n)|
+   with E the first blocks of the prior's own encoder (no downloaded network) and U linear upsampling.
+4. x = P^-1(G(w_last), f); optionally x <- x + A^+(y_n - A x) ("paste_observed"); return N^-1(x).
+"""
+
+import torch
+
+from ..errors import InputError, UserError
+from ..methods.registry import SolveResult
+from . import budget
+from .ddim import ddim_timesteps
+from .generator import LatentGenerator
+from .space import CropPad, IntensityMap, shape_of
+
+PERCEPTUAL_BLOCKS = 2
+LONG_RUN_S = 3600.0
+
+
+def check_prior(prior, method: str):
+    if prior is None:
+        raise UserError("Method %s needs a latent diffusion prior, and none was given." % method,
+                        "Pass --model NAME or PATH (see `python -m MRISuperResLib models list`).")
+    if getattr(prior, "kind", None) != "ldm" or prior.autoencoder is None:
+        raise InputError("Method %s needs a latent diffusion ('ldm') prior; '%s' is a %s prior."
+                         % (method, getattr(prior, "name", prior), getattr(prior, "kind", "unknown")),
+                         "Choose an ldm prior (see `models list`).")
+    if method == "inversesr-ldm" and prior.unet is None:
+        raise InputError("Prior '%s' has no diffusion UNet, which inversesr-ldm needs." % prior.name,
+                         "Use inversesr-decoder, or an ldm prior with a UNet.")
+
+
+def run(mode: str, y, physics, prior, settings, progress, generator) -> SolveResult:
+    """mode: "inversesr-decoder" or "inversesr-ldm". Falls back to the CPU when the GPU runs out of memory."""
+    check_prior(prior, mode)
+    try:
+        return _run(mode, y, physics, prior, settings, progress, generator)
+    except torch.cuda.OutOfMemoryError:
+        if y.device.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        progress.warning("The GPU ran out of memory (%s); continuing on the CPU, which is much slower."
+                         % torch.cuda.get_device_name(y.device))
+        prior.to("cpu")
+        torch.cuda.empty_cache()
+        result = _run(mode, y.to("cpu"), physics, prior, settings, progress, generator)
+        result.info["device_fallback"] = "cpu"
+        return result
+
+
+def _estimate(mode, prior, settings, device):
+    est = budget.estimate(prior.card, mode, device, settings["iterations"], settings.get("ddim_steps", 0),
+                          settings.get("checkpointing", True), weights_resident=prior.device == device)
+    budget.check_fits(est, "%s with prior '%s'" % (mode, prior.name))
+    return est
+
+
+def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
+    dev = y.device
+    est = _estimate(mode, prior, settings, dev)
+    progress(0, settings["iterations"], "estimated %s" % est.describe())
+    if est.total_seconds > LONG_RUN_S:
+        progress.warning("This run is estimated to take %s on %s; fewer iterations (--set iterations=N) or a GPU "
+                         "shorten it." % (budget.duration(est.total_seconds), dev))
+    prior.to(dev)
+    gen = LatentGenerator(prior, checkpointing=settings.get("checkpointing", True))
+    card = prior.card
+    crop = CropPad(shape_of(physics.hr_shape), shape_of(card["grid"]["shape"]))
+    if crop.covered_fraction() < 0.5:
+        progress.warning("Only %.0f%% of the output grid lies inside the prior's %s field of view; the input "
+                         "should be in the prior's space (%s, %s mm)." % (
+                             100 * crop.covered_fraction(), "x".join(map(str, crop.prior_shape)),
+                             card["grid"].get("space", "its space"), card["grid"].get("spacing", "?")))
+    imap = IntensityMap.fit(y, card.get("intensity") or {})
+    y_n = imap.to_prior(y.float())
+    fill = physics.upsample(y_n, "cubic")
+    background = float(imap.r0)
+
+    # 2. the variables
+    shape = (1,) + gen.latent_shape
+    if mode == "inversesr-decoder":
+        if settings.get("init", "random") == "encode":
+            with torch.no_grad():
+                z = gen.encode(crop.to_prior(fill, background)[None, None])
+            if tuple(z.shape) != shape:
+                raise InputError("The prior's encoder gives latents of shape %s, its card says %s."
+                                 % (tuple(z.shape), shape), "Fix 'latent.shape' in the model card.")
+        else:
+            z = torch.randn(shape, generator=generator).to(dev)
+        z = z.detach().requires_grad_(True)
+        variables, cond, timesteps = [z], None, None
+
+        def synth():
+            return gen.decode(z)
+    else:
+        z = torch.randn(shape, generator=generator).to(dev).requires_grad_(True)
+        cond = None if gen.cond_default is None else gen.cond_default.to(dev).clone()
+        variables = [z]
+        if cond is not None and settings.get("optimise_conditioning", True):
+            cond.requires_grad_(True)
+            variables.append(cond)
+        timesteps = ddim_timesteps(settings["ddim_steps"], prior.schedule.num_train_timesteps)
+
+        def synth():
+            return gen(z, cond, timesteps)
+
+    def to_hr(x_p):
+        return crop.to_hr(x_p[0, 0], fill)
+
+    encoder_feats = _perceptual(gen, crop, background) if settings.get("perceptual_weight", 0.0) > 0 else None
+    if encoder_feats is not None:
+        with torch.no_grad():
+            target_feats = encoder_feats(physics.upsample(y_n, "linear"))
+
+    # 3. fit
+    opt = torch.optim.Adam(variables, lr=settings["lr"])
+    iters = settings["iterations"]
+    loss_value = float("nan")
+    for it in range(iters):
+        opt.zero_grad(set_to_none=True)
+        x_hr = to_hr(synth())
+        ax = physics.forward(x_hr)
+        data = (ax - y_n).abs().mean()
+        loss = settings.get("data_weight", 1.0) * data
+        extra = {"data": float(data.detach())}
+        if encoder_feats is not None:
+            perc = (encoder_feats(physics.upsample(ax, "linear")) - target_feats).abs().mean()
+            loss = loss + settings["perceptual_weight"] * perc
+            extra["perceptual"] = float(perc.detach())
+        if not torch.isfinite(loss):
+            raise UserError("The fit diverged at iteration %d (loss %s)." % (it + 1, float(loss)),
+                            "Lower the learning rate, e.g. --set lr=%g." % (settings["lr"] / 10))
+        loss.backward()
+        opt.step()
+        if cond is not None and cond.requires_grad:
+            with torch.no_grad():
+                cond.clamp_(0.0, 1.0)
+        loss_value = float(loss.detach())
+        progress(it + 1, iters, "iteration %d/%d" % (it + 1, iters), loss=round(loss_value, 6), **extra)
+
+    # 4. the result
+    with torch.no_grad():
+        x_hr = to_hr(synth())
+        if settings.get("paste_observed", False):
+            x_hr = physics.data_consistency(x_hr, y_n)
+        x = imap.to_input(x_hr).float()
+    info = {"prior": prior.name, "final_loss": loss_value, "estimate": est.to_json(),
+            "fov_coverage": round(crop.covered_fraction(), 4),
+            "intensity_map": {"lo": imap.lo, "hi": imap.hi, "range": [imap.r0, imap.r1]}}
+    if cond is not None:
+        info["conditioning"] = dict(zip(card["conditioning"]["names"], [round(float(v), 4) for v in cond.detach()]))
+    return SolveResult(x, info=info)
+
+
+def _perceptual(gen: LatentGenerator, crop: CropPad, background: float):
+    """Features of the prior's own encoder (first PERCEPTUAL_BLOCKS blocks) of an HR volume."""
+    blocks = list(gen.ae.encoder.blocks)[:PERCEPTUAL_BLOCKS]
+
+    def feats(x_hr: torch.Tensor) -> torch.Tensor:
+        h = crop.to_prior(x_hr, background)[None, None]
+        with gen._amp(h.device):
+            for b in blocks:
+                h = gen._maybe_checkpoint(b, h)
+        return h.float()
+
+    return feats
+
+
+def common_settings(iterations: int, lr: float) -> list:
+    from ..methods.registry import SEED, Setting
+
+    return [
+        Setting("iterations", "int", iterations, "Optimisation steps (the paper: 601).", min=1, max=100000),
+        Setting("lr", "float", lr, "Adam learning rate (the paper: 0.07).", min=1e-6, max=10.0),
+        Setting("data_weight", "float", 1.0, "Weight of the L1 data term over the observed voxels.", min=0.0),
+        Setting("perceptual_weight", "float", 0.0, "Weight of a perceptual term on features of the prior's own "
+                "encoder (no downloaded network); 0 turns it off.", min=0.0),
+        Setting("paste_observed", "bool", False, "Put the observed data back into the result (x + A^+(y - Ax))."),
+        Setting("checkpointing", "bool", True, "Recompute activations in the backward pass to save memory."),
+        SEED,
+    ]
+

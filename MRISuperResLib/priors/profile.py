@@ -1,0 +1,62 @@
+"""Measure seconds per iteration and peak memory of an InverseSR method on a device.
+
+`profile` builds the prior's architecture (default: the published UK Biobank LDM) with random weights, so no
+download is needed, runs a few real iterations of the method on a synthetic slice-removal input and reports
+the measurement next to the estimate of budget.py (the benchmark command shows both).
+"""
+
+import resource
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from ..methods import get_method
+from ..physics import OperatorSpec
+from ..progress import Progress
+from . import budget, synthetic, ukbb
+
+
+def profile(method: str, device="cpu", shape: Optional[Sequence[int]] = None, iterations: int = 3,
+            card: Optional[dict] = None, ddim_steps: Optional[int] = None, seed: int = 0) -> dict:
+    """{"seconds_per_iteration", "peak_memory_gb", "estimate", ...} for `method` on `device`.
+
+    shape: the prior's image grid (default the card's, 160 x 224 x 160 for the published prior); it must be
+    divisible by the autoencoder's downsampling factor.
+    """
+    dev = torch.device(device)
+    m = get_method(method)
+    prior = synthetic.random_prior(card or ukbb.card(), seed=seed, device=dev, image_shape=shape)
+    hr_shape = tuple(prior.card["grid"]["shape"])
+    op = OperatorSpec.make("slice-removal", 2, 4).bind_hr(hr_shape)
+    gen = torch.Generator().manual_seed(seed)
+    y = op.forward(torch.rand(hr_shape, generator=gen)).to(dev)
+    overrides = {"iterations": iterations}
+    if ddim_steps is not None and method == "inversesr-ldm":
+        overrides["ddim_steps"] = ddim_steps
+    settings = m.resolve_settings(overrides, prior.method_defaults(method, dev.type))
+    settings["iterations"] = iterations
+    stamps = []
+
+    def sink(event):
+        if event.get("event") == "progress" and event.get("step", 0) > 0:
+            stamps.append(time.perf_counter())
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    result = m.solve(y, op, prior, settings, Progress(sink), gen)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    total = time.perf_counter() - t0
+    # the first iteration includes warm-up (allocator, kernels): report the later ones when there are any
+    steps = [b - a for a, b in zip(stamps, stamps[1:])] or [total / max(iterations, 1)]
+    if dev.type == "cuda":
+        peak, what = torch.cuda.max_memory_allocated(dev), "GPU memory allocated by torch"
+    else:
+        peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+    return {"method": method, "device": str(dev), "shape": list(hr_shape), "iterations": iterations,
+            "seconds_per_iteration": sum(steps) / len(steps), "seconds_total": total,
+            "peak_memory_gb": peak / budget.GB, "peak_memory_kind": what,
+            "estimate": result.info.get("estimate"), "ddim_steps": settings.get("ddim_steps")}

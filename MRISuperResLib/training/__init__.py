@@ -1,0 +1,1 @@
+"""Training: the synthetic brain generator and the resumable training commands (`train ...`)."""

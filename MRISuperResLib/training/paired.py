@@ -1,0 +1,164 @@
+"""`train paired`: the conditional DDPM of paired-ddpm, on LR/HR pairs made by the run's operators.
+
+Per step:
+    1. draw `batch_size` training seeds; for each, one operator of `operators` (kind, axes, factors, profile)
+    2. render an HR block of patch + 2 * margin voxels at a random corner; y = A(block) with the operator bound
+       to the block; up = cubic B-spline of y on the block; crop the central patch of both
+       (the margin keeps the pair's borders like the inside of a whole volume, as at inference)
+    3. hr, up -> [-1, 1]; x0 = (hr - up) / residual_scale, residual_scale = the residual's std, measured once
+    4. loss = || eps - UNet([z_t, up, cond], t) ||^2 with the cosine schedule (diffusion/cosine.py)
+"""
+
+import warnings
+from typing import Dict
+
+import torch
+
+from ..diffusion import cosine
+from ..errors import InputError
+from ..physics import spec_from_dict
+from .autoencoder import draw_train_seeds, synth_from_options
+
+DEFAULT_OPERATORS = [
+    {"operator": "thick-slice", "axes": [2], "factors": [4.0], "profile": "gaussian"},
+    {"operator": "slice-removal", "axes": [2], "factors": [4.0]},
+    {"operator": "kspace", "axes": [0, 1], "factors": [2.0, 2.0]},
+]
+
+
+class PairedTask:
+    name = "paired"
+
+    def __init__(self, options: dict, device):
+        from monai.networks.nets import DiffusionModelUNet
+
+        self.options = options
+        self.device = torch.device(device)
+        self.synth = synth_from_options(options)
+        self.specs = [spec_from_dict(o) for o in options["operators"]]
+        patch = [int(p) for p in options["patch"]]
+        mult = 2 ** (len(options["network"]["channels"]) - 1)
+        big = [p + 2 * int(options["margin"]) for p in patch]
+        if any(p % mult for p in patch) or any(b > n for b, n in zip(big, self.synth.shape)):
+            raise InputError("Patch %s (+ margin %d) must be multiples of %d and fit the grid %s."
+                             % (patch, options["margin"], mult, self.synth.shape), "Choose --patch/--margin accordingly.")
+        try:
+            self.unet = DiffusionModelUNet(**{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in options["network"].items()}).to(self.device)
+        except (ValueError, TypeError, AssertionError) as exc:
+            raise InputError("The UNet settings are not valid: %s" % exc,
+                             "Check --channels/--norm-groups (groups must divide every channel count).") from None
+        self.residual_scale = None
+
+    @staticmethod
+    def default_options(synth=None, network=None, patch=(32, 32, 32), margin=8, operators=None, batch_size=2,
+                        pool=0) -> dict:
+        return {"network": dict(network or cosine.default_unet()), "patch": list(patch), "margin": int(margin),
+                "operators": [dict(o) for o in (operators or DEFAULT_OPERATORS)],
+                "schedule": dict(cosine.DEFAULT_SCHEDULE),
+                "synth": dict(synth or {"shape": [160, 224, 160], "orientation": "LAS", "downsample": 1, "head": True}),
+                "batch_size": int(batch_size), "pool": int(pool)}
+
+    def modules(self) -> Dict[str, torch.nn.Module]:
+        return {"unet": self.unet}
+
+    def parameters(self):
+        return self.unet.parameters()
+
+    def state(self) -> dict:
+        return {} if self.residual_scale is None else {"residual_scale": torch.tensor(self.residual_scale)}
+
+    def load_state(self, state: dict):
+        if "residual_scale" in state:
+            self.residual_scale = float(state["residual_scale"])
+
+    def pairs(self, seeds, generator: torch.Generator):
+        """(hr, up, cond): (B, 1, *patch) in [-1, 1] and (B, len(CONDITION_NAMES))."""
+        patch, m, full = [int(p) for p in self.options["patch"]], int(self.options["margin"]), self.synth.shape
+        big = [p + 2 * m for p in patch]
+        hrs, ups, conds = [], [], []
+        for s in seeds:
+            spec = self.specs[int(torch.randint(0, len(self.specs), (1,), generator=generator))]
+            corner = [int(torch.randint(0, n - b + 1, (1,), generator=generator)) for n, b in zip(full, big)]
+            block = self.synth.sample(s, patch=big, corner=corner).image.double()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a factor not dividing the block only shifts its last sample
+                op = spec.bind_hr(tuple(big))
+            up = op.upsample(op.forward(block), "cubic")
+            inner = tuple(slice(m, m + p) for p in patch)
+            hrs.append(block[inner])
+            ups.append(up[inner])
+            conds.append(cosine.condition_of(op))
+        to = dict(device=self.device, dtype=torch.float32)
+        return ((torch.stack(hrs)[:, None] * 2 - 1).to(**to), (torch.stack(ups)[:, None] * 2 - 1).to(**to),
+                torch.stack(conds).to(self.device))
+
+    def _scale(self) -> float:
+        if self.residual_scale is None:
+            # Unit-variance targets, like the LDM's scale factor; fixed brains so a resumed run agrees.
+            hr, up, _ = self.pairs(range(4), torch.Generator().manual_seed(0))
+            self.residual_scale = float((hr - up).std().clamp_min(1e-3))
+        return self.residual_scale
+
+    def model(self) -> cosine.PairedModel:
+        return cosine.PairedModel(self.unet, self.options["patch"], self._scale(),
+                                  cosine.cosine_alpha_bar(self.options["schedule"]["num_train_timesteps"]))
+
+    def loss(self, step: int, generator: torch.Generator):
+        o = self.options
+        hr, up, cond = self.pairs(draw_train_seeds(generator, o["batch_size"], o.get("pool", 0)), generator)
+        return cosine.paired_loss(self.model(), hr, up, cond, generator)
+
+    @torch.no_grad()
+    def evaluate(self, seeds) -> dict:
+        """Epsilon MSE on held-out pairs with fixed draws (1.0 = predicting zero)."""
+        self.unet.eval()
+        model, total = self.model(), 0.0
+        for s in seeds:
+            gen = torch.Generator().manual_seed(int(s))
+            hr, up, cond = self.pairs([s] * 2, gen)
+            total += float(cosine.paired_loss(model, hr, up, cond, gen)[0])
+        self.unet.train()
+        return {"heldout_eps_mse": total / max(len(seeds), 1), "heldout_count": len(seeds)}
+
+    def networks(self) -> dict:
+        return {"unet": ("DiffusionModelUNet", self.unet, self.options["network"])}
+
+    def card(self) -> dict:
+        return {"kind": "paired", "schedule": dict(self.options["schedule"]),
+                "paired": {"patch": list(self.options["patch"]), "residual_scale": self._scale(),
+                           "operators": [dict(o) for o in self.options["operators"]],
+                           "condition_names": list(cosine.CONDITION_NAMES)},
+                "method_defaults": {"paired-ddpm": {"cpu": {"steps": 10}, "cuda": {"steps": 50}}}}
+
+
+# ---- command line (hooked into training/cli.py: `train paired`) ----
+
+def add_arguments(p):
+    p.add_argument("--patch", type=int, nargs=3, default=None, help="3D patch (default 32 32 32).")
+    p.add_argument("--margin", type=int, default=None, help="Context rendered around each patch (default 8).")
+    p.add_argument("--operators", default=None,
+                   help='JSON list of degradations to train on, e.g. \'[{"operator": "thick-slice", "axes": [2], '
+                        '"factors": [4]}]\' (default: 4 mm thick slices, 1-in-4 slice removal, 2x2 k-space).')
+    p.add_argument("--channels", type=int, nargs="+", default=None, help="3D UNet channels (default 16 32 64).")
+    p.add_argument("--norm-groups", type=int, default=None)
+
+
+def new_options(args, synth: dict) -> dict:
+    import json
+
+    ops = DEFAULT_OPERATORS
+    if args.operators:
+        try:
+            ops = json.loads(args.operators)
+            for o in ops:
+                spec_from_dict(o)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise InputError("--operators is not a JSON list of degradations.",
+                             'Example: \'[{"operator": "thick-slice", "axes": [2], "factors": [4]}]\'') from None
+    net = cosine.default_unet(tuple(args.channels or (16, 32, 64)))
+    if args.norm_groups is not None:
+        net["norm_num_groups"] = args.norm_groups
+    return PairedTask.default_options(synth=synth, network=net, patch=tuple(args.patch or (32, 32, 32)),
+                                      margin=8 if args.margin is None else args.margin, operators=ops,
+                                      batch_size=args.batch_size or 2, pool=args.pool or 0)

@@ -1,0 +1,248 @@
+"""One resumable, chunked training loop shared by every `train ...` command.
+
+A run lives in a folder:
+    run.json        task name, task options, training options (written once; a resume reads it back)
+    checkpoint.pt   modules, optimiser, step, RNG state, task state (atomic replace; weights_only loadable)
+    log.jsonl       one line per logged step: step, loss and its parts, lr, seconds per step
+
+Loop (per invocation):
+    1. load checkpoint if resuming, else start at step 0
+    2. for step in [start, target): draw the step's generator from (seed, step), loss, backward, clip, Adam
+    3. stop at the target, after `chunk_steps` steps, or when `max_minutes` are used up; checkpoint
+Every random draw of step s comes from a generator seeded by (seed, s), so a run split into chunks
+gives the same weights as one uninterrupted run (on the same device and thread count).
+
+A task (autoencoder.py, ldm.py; later vdm, paired) is a small object with: `name`, `options`,
+`modules()` (dict of nn.Module saved in the checkpoint), `parameters()` (what the optimiser trains),
+`loss(step, generator) -> (loss, {part: float})`, `state()` / `load_state(d)` (extra tensors to keep),
+`evaluate(seeds) -> {metric: float}`, `networks()` (for export: {role: (module, kwargs)}), `card()`.
+"""
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import InputError, UserError
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILE = "run.json"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000              # target total steps of the run
+    chunk_steps: int = 0           # stop after this many steps in this invocation (0: no limit)
+    max_minutes: float = 9.0       # stop (and checkpoint) once this much wall time is used (0: no limit)
+    checkpoint_every: int = 100
+    log_every: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "chunk_steps", "checkpoint_every", "log_every", "warmup_steps"):
+            if int(getattr(self, name)) < 0:
+                raise InputError("--%s must not be negative." % name.replace("_", "-"), "Give 0 or more.")
+        if self.lr <= 0:
+            raise InputError("--lr must be positive.", "Give a learning rate such as 1e-4.")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    target: int
+    reason: str                    # "done", "chunk", "time"
+    seconds: float
+    last_loss: Optional[float]
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.target
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one step: independent of how the run was chunked."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (2 ** 63 - 1))
+
+
+def atomic_torch_save(obj, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide cards and logs from other users
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_run(run_dir) -> dict:
+    path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.exists(path):
+        raise InputError("%s is not a training run folder (no %s)." % (run_dir, RUN_FILE),
+                         "Give the --run-dir of an earlier `train` command, or start a new run without --resume.")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_run(run_dir, task_name, task_options, config: TrainConfig, command=""):
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_text(os.path.join(run_dir, RUN_FILE), json.dumps(
+        {"task": task_name, "options": task_options, "train": asdict(config), "command": command}, indent=1))
+
+
+def load_checkpoint(run_dir, device="cpu") -> Optional[dict]:
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise InputError("Checkpoint %s cannot be read (%s)." % (path, str(exc).splitlines()[0][:160]),
+                         "Delete it to restart from the previous state, or start a new run folder.") from None
+
+
+def _truncate_log(path, last_step):
+    """Drop log lines past the checkpoint: they belong to steps that will be run again."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    keep.append(line)
+            except ValueError:
+                continue
+    atomic_write_text(path, "".join(keep))
+
+
+class Trainer:
+    def __init__(self, task, config: TrainConfig, run_dir: str, device=torch.device("cpu"),
+                 report: Optional[Callable[[dict], None]] = None, clock=time.monotonic):
+        self.task = task
+        self.config = config
+        self.run_dir = run_dir
+        self.device = torch.device(device)
+        self.report = report or (lambda event: None)
+        self.clock = clock
+        params = list(task.parameters())
+        if not params:
+            raise UserError("The %s task has nothing to train." % task.name, "Check its options.")
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+
+    # ---- state -------------------------------------------------------------------------------------
+    def save(self):
+        state = {
+            "step": self.step,
+            "modules": {k: m.state_dict() for k, m in self.task.modules().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "task_state": self.task.state(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        atomic_torch_save(state, os.path.join(self.run_dir, CHECKPOINT))
+
+    def restore(self) -> bool:
+        ckpt = load_checkpoint(self.run_dir, self.device)
+        if ckpt is None:
+            return False
+        for name, module in self.task.modules().items():
+            if name not in ckpt["modules"]:
+                raise InputError("Checkpoint has no '%s' network." % name, "Resume with the run's own task.")
+            module.load_state_dict(ckpt["modules"][name])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())
+        if "rng_cuda" in ckpt and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), self.device)
+        self.task.load_state(ckpt.get("task_state") or {})
+        self.step = int(ckpt["step"])
+        _truncate_log(os.path.join(self.run_dir, LOG_FILE), self.step)
+        return True
+
+    def lr_at(self, step: int) -> float:
+        w = self.config.warmup_steps
+        return self.config.lr * (min(1.0, (step + 1) / w) if w else 1.0)
+
+    # ---- loop --------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.config
+        t0 = self.clock()
+        start = self.step
+        target = cfg.steps
+        reason = "done"
+        last = None
+        log_path = os.path.join(self.run_dir, LOG_FILE)
+        for m in self.task.modules().values():
+            m.train()
+        with open(log_path, "a") as log:
+            while self.step < target:
+                if cfg.chunk_steps and self.step - start >= cfg.chunk_steps:
+                    reason = "chunk"
+                    break
+                if cfg.max_minutes and self.step > start and self.clock() - t0 >= 60.0 * cfg.max_minutes:
+                    reason = "time"
+                    break
+                ts = self.clock()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr_at(self.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, parts = self.task.loss(self.step, step_generator(cfg.seed, self.step))
+                if not torch.isfinite(loss):
+                    self.save()
+                    raise UserError("The loss became %s at step %d." % (float(loss), self.step),
+                                    "Lower --lr (or raise --warmup-steps) and resume from the last checkpoint.")
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(list(self.task.parameters()), cfg.grad_clip)
+                self.optimizer.step()
+                self.step += 1
+                last = float(loss.detach())
+                dt = self.clock() - ts
+                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == target):
+                    row = {"step": self.step, "loss": last, "lr": self.lr_at(self.step - 1), "seconds": round(dt, 4)}
+                    row.update({k: float(v) for k, v in parts.items()})
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                self.report({"step": self.step, "total": target, "loss": last, "seconds": dt,
+                             "elapsed": self.clock() - t0, "start": start})
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+        self.save()
+        return TrainResult(self.step, target, reason, self.clock() - t0, last)
+
+
+def count_parameters(module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def psnr(x, ref, data_range=1.0) -> float:
+    mse = float(torch.mean((x.float() - ref.float()) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)

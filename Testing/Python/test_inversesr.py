@@ -1,0 +1,160 @@
+"""InverseSR methods on a tiny random prior: recovery, settings from the card, progress, budget, geometry."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from MRISuperResLib.errors import InputError, ResourceError, UserError
+from MRISuperResLib.methods import get_method
+from MRISuperResLib.physics import OperatorSpec
+from MRISuperResLib.pipeline import super_resolve
+from MRISuperResLib.priors import budget, store, synthetic
+from MRISuperResLib.progress import Progress
+from MRISuperResLib.volume import Volume
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine (20x faster here)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return synthetic.random_prior(synthetic.tiny_card(), seed=1)
+
+
+def _psnr(x, ref):
+    rng = float(ref.max() - ref.min())
+    return float(10 * torch.log10(rng ** 2 / ((x - ref) ** 2).mean()))
+
+
+def test_decoder_recovers_missing_slices_better_than_bspline(prior):
+    # HR = D(z*), LR = every other slice along k: the prior's manifold pins down the missing slices
+    z_star = torch.randn(1, 3, 8, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        hr = prior.autoencoder.decode(z_star)[0, 0]
+    op = OperatorSpec.make("slice-removal", 2, 2).bind_hr(hr.shape)
+    y = op.forward(hr)
+    m = get_method("inversesr-decoder")
+    settings = m.resolve_settings({"iterations": 100, "lr": 0.1, "init": "encode", "checkpointing": False})
+    events = []
+    res = m.solve(y, op, prior, settings, Progress(events.append), torch.Generator().manual_seed(0))
+    base = _psnr(op.upsample(y, "cubic"), hr)
+    ours = _psnr(res.x, hr)
+    assert res.x.shape == hr.shape
+    assert ours > base + 6.0, (ours, base)
+    steps = [e for e in events if e["event"] == "progress" and e["step"] > 0]
+    assert len(steps) == 100 and all("loss" in e and e["eta_s"] is not None for e in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert "estimated about" in events[0]["message"]
+
+
+def test_ldm_runs_through_the_pipeline_with_card_defaults(prior, tmp_path, monkeypatch):
+    card = dict(prior.card, method_defaults={"inversesr-ldm": {"cpu": {"iterations": 3, "ddim_steps": 2}}})
+    p = store.Prior(card, prior.networks)
+    rng = np.random.default_rng(0)
+    lr = Volume.from_array(rng.random((16, 16, 8)).astype(np.float32) * 500 + 100, spacing=(1, 1, 2))
+    events = []
+    spec = OperatorSpec.make("slice-removal", 2, 2)
+    out = super_resolve(lr, "inversesr-ldm", spec, None, p, "cpu", 4, Progress(events.append))
+    assert out.info["settings"]["iterations"] == 3 and out.info["settings"]["ddim_steps"] == 2
+    assert out.volume.grid.shape == (16, 16, 16)
+    assert set(out.info["conditioning"]) == {"gender", "age", "ventricular_volume", "brain_volume"}
+    assert all(0.0 <= v <= 1.0 for v in out.info["conditioning"].values())
+    assert len([e for e in events if e["event"] == "progress" and e["step"] > 0]) == 3
+    again = super_resolve(lr, "inversesr-ldm", spec, None, p, "cpu", 4, Progress())
+    assert np.array_equal(out.volume.array, again.volume.array)  # same seed, same result
+    assert "AI" in out.volume.description or "generat" in out.volume.description.lower()
+
+
+def test_mni_sized_input_and_paste_observed(prior):
+    # an input bigger than the prior's grid along i and k, smaller along j (like 181x217x181 vs 160x224x160)
+    hr_shape = (19, 13, 18)
+    rng = torch.Generator().manual_seed(2)
+    y_hr = 50 + 200 * torch.rand(hr_shape, generator=rng)
+    op = OperatorSpec.make("slice-removal", 2, 3).bind_hr(hr_shape)
+    y = op.forward(y_hr)
+    m = get_method("inversesr-decoder")
+    s = m.resolve_settings({"iterations": 2, "paste_observed": True})
+    res = m.solve(y, op, prior, s, Progress(), torch.Generator().manual_seed(0))
+    assert res.x.shape == hr_shape
+    assert torch.allclose(op.forward(res.x), y, atol=1e-3)  # pasted back: data consistent
+    assert res.info["fov_coverage"] == pytest.approx(16 * 13 * 16 / (19 * 13 * 18), abs=1e-4)
+    s = m.resolve_settings({"iterations": 2, "paste_observed": False})
+    res2 = m.solve(y, op, prior, s, Progress(), torch.Generator().manual_seed(0))
+    # outside the prior's field of view the output is the interpolated input, in input units
+    assert torch.allclose(res2.x[0], op.upsample(y, "cubic")[0], atol=1e-3)
+
+
+def test_refused_when_it_cannot_fit(prior, monkeypatch):
+    monkeypatch.setattr(budget, "available_memory", lambda device: 1e5)
+    m = get_method("inversesr-decoder")
+    op = OperatorSpec.make("slice-removal", 2, 2).bind_hr((16, 16, 16))
+    with pytest.raises(ResourceError, match="but only 0.0 GB are available"):
+        m.solve(torch.rand(16, 16, 8), op, prior, m.resolve_settings({"iterations": 5}), Progress(),
+                torch.Generator())
+
+
+def test_prior_errors_are_user_errors(prior):
+    m = get_method("inversesr-ldm")
+    op = OperatorSpec.make("slice-removal", 2, 2).bind_hr((16, 16, 16))
+    with pytest.raises(UserError, match="needs a latent diffusion prior"):
+        m.solve(torch.rand(16, 16, 8), op, None, m.resolve_settings(), Progress(), torch.Generator())
+    vdm = store.Prior(dict(prior.card, kind="vdm"), {})
+    with pytest.raises(InputError, match="'ldm'"):
+        m.solve(torch.rand(16, 16, 8), op, vdm, m.resolve_settings(), Progress(), torch.Generator())
+    with pytest.raises(InputError, match="ddim_steps"):
+        m.resolve_settings({"ddim_steps": 0})
+
+
+def test_cli_run_with_model_path(prior, tmp_path, capsys, monkeypatch):
+    from MRISuperResLib.cli import main
+    from MRISuperResLib.volume import read_volume, write_volume
+
+    monkeypatch.setenv(store.ENV_VAR, str(tmp_path / "store"))
+    folder = synthetic.write_prior(prior, str(tmp_path / "tiny"))
+    lr = Volume.from_array(np.random.default_rng(1).random((16, 16, 8)).astype(np.float32), spacing=(1, 1, 2))
+    write_volume(lr, str(tmp_path / "lr.nii.gz"))
+    rc = main(["run", "--method", "inversesr-decoder", "--input", str(tmp_path / "lr.nii.gz"), "--output",
+               str(tmp_path / "hr.nii.gz"), "--operator", "slice-removal", "--axis", "2", "--factor", "2",
+               "--model", folder, "--device", "cpu", "--set", "iterations=2", "--progress", "jsonl"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert rc == 0, lines
+    assert lines[-1]["event"] == "result" and lines[-1]["info"]["prior"] == "tiny-ldm"
+    assert read_volume(str(tmp_path / "hr.nii.gz")).grid.shape == (16, 16, 16)
+    assert os.path.exists(str(tmp_path / "hr.nii.gz"))
+
+
+def test_perceptual_term_uses_the_priors_encoder(prior):
+    from MRISuperResLib.priors.generator import LatentGenerator
+    from MRISuperResLib.priors.inversion import _perceptual
+    from MRISuperResLib.priors.space import CropPad
+
+    feats = _perceptual(LatentGenerator(prior), CropPad((16, 16, 16), (16, 16, 16)), 0.0)
+    a, b = torch.rand(16, 16, 16), torch.rand(16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(feats(a), feats(a.clone())) and (feats(a) - feats(b)).abs().max() > 1e-3
+    m = get_method("inversesr-decoder")
+    op = OperatorSpec.make("slice-removal", 2, 2).bind_hr((16, 16, 16))
+    events = []
+    m.solve(op.forward(a), op, prior, m.resolve_settings({"iterations": 2, "perceptual_weight": 0.5}),
+            Progress(events.append), torch.Generator())
+    steps = [e for e in events if e["event"] == "progress" and e["step"] > 0]
+    assert all(e["perceptual"] > 0 and e["loss"] > e["data"] for e in steps)
+
+
+def test_long_runs_are_announced(prior, monkeypatch):
+    monkeypatch.setattr(budget, "throughput", lambda device: 1.0)  # a very slow device
+    m = get_method("inversesr-decoder")
+    op = OperatorSpec.make("slice-removal", 2, 2).bind_hr((16, 16, 16))
+    events = []
+    m.solve(torch.rand(16, 16, 8), op, prior, m.resolve_settings({"iterations": 1}), Progress(events.append),
+            torch.Generator())
+    assert any(e["event"] == "warning" and "estimated to take" in e["message"] for e in events)

@@ -1,0 +1,171 @@
+"""paired-ddpm: seeds, progress per step, projection, uncertainty, conditioning, errors, CLI."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import phantom
+from test_cli import cli
+from test_diffusion_parts import tiny_paired
+
+from MRISuperResLib.diffusion import cosine
+from MRISuperResLib.diffusion.cards import write_prior
+from MRISuperResLib.errors import InputError
+from MRISuperResLib.physics import OperatorSpec
+from MRISuperResLib.pipeline import super_resolve
+from MRISuperResLib.progress import Progress, parse_event
+from MRISuperResLib.volume import Volume, read_volume, write_volume
+
+HR = (12, 10, 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny networks gain nothing from threads, and on a busy 2-core machine two OpenMP threads spin-wait
+    # each other (100x slower measured here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return tiny_paired(0)[0]
+
+
+def _lr(kind="slice-removal", axis=2, factor=2.0, hr=HR):
+    spec = OperatorSpec.make(kind, axis, factor)
+    x = torch.as_tensor(phantom(hr, 1) * 500.0, dtype=torch.float64)
+    return spec, Volume.from_array(spec.bind_hr(hr).forward(x).float().numpy())
+
+
+def _run(prior, lr, spec, seed=0, events=None, **settings):
+    s = {"steps": 2}
+    s.update(settings)
+    prog = Progress(events.append) if events is not None else None
+    return super_resolve(lr, "paired-ddpm", spec, s, prior, device="cpu", seed=seed, progress=prog)
+
+
+def test_seed_determinism_progress_and_eta(prior):
+    spec, lr = _lr()
+    ev = []
+    a = _run(prior, lr, spec, seed=5, events=ev, steps=2)
+    assert np.array_equal(_run(prior, lr, spec, seed=5, steps=2).volume.array, a.volume.array)
+    assert not np.allclose(_run(prior, lr, spec, seed=6, steps=2).volume.array, a.volume.array)
+    assert [e["step"] for e in ev if e["event"] == "progress"] == [1, 2]
+    e1 = _run(prior, lr, spec, seed=5, steps=2, eta=1.0).volume.array
+    assert np.array_equal(_run(prior, lr, spec, seed=5, steps=2, eta=1.0).volume.array, e1)
+    assert not np.allclose(e1, a.volume.array)
+    assert a.volume.grid.shape == HR and a.info["patch"] == [8, 8, 8]
+
+
+def test_projection_makes_the_output_consistent(prior):
+    spec, lr = _lr()
+    y = torch.as_tensor(lr.array, dtype=torch.float64)
+    op = spec.bind_lr(lr.grid.shape)
+
+    def rel(out):
+        return float((op.forward(torch.as_tensor(out.volume.array, dtype=torch.float64)) - y).norm() / y.norm())
+
+    assert rel(_run(prior, lr, spec, project=True)) < 1e-4
+    assert rel(_run(prior, lr, spec, project=False)) > 1e-3
+
+
+def test_uncertainty_and_untrained_operator_warning(prior):
+    spec, lr = _lr("thick-slice", 0, 2.0)
+    ev = []
+    out = _run(prior, lr, spec, events=ev, samples=2)
+    std = out.extras["uncertainty"].array
+    assert std.shape == HR and float(std.max()) > 0
+    assert any(e["event"] == "warning" and "not trained on thick-slice" in e["message"] for e in ev)
+
+
+def test_conditioning_on_the_operator_changes_the_prediction(prior):
+    model = cosine.PairedModel.from_prior(prior)
+    z = torch.randn(1, 1, 8, 8, 8)
+    a = model.eps(z, z, cosine.condition_vector("slice-removal", "gaussian", (1, 1, 2))[None], 500)
+    b = model.eps(z, z, cosine.condition_vector("kspace", "gaussian", (2, 2, 1))[None], 500)
+    assert a.shape == z.shape and float((a - b).abs().max()) > 1e-4
+
+
+def test_wrong_prior_is_a_clear_error(prior):
+    spec, lr = _lr()
+    bad = tiny_paired(0)[0]
+    bad.card = dict(bad.card, schedule={"type": "scaled_linear_beta"})
+    with pytest.raises(InputError, match="cosine"):
+        _run(bad, lr, spec)
+    with pytest.raises(InputError, match="needs a paired prior"):
+        _run(None, lr, spec)
+    from test_diffusion_parts import tiny_vdm_prior
+
+    with pytest.raises(InputError, match="vdm prior; paired-ddpm needs a paired prior"):
+        _run(tiny_vdm_prior(0)[0], lr, spec)
+
+
+def test_cli_run_with_uncertainty(tmp_path):
+    prior, kw = tiny_paired(3)
+    write_prior(str(tmp_path / "prior"), prior.card, {"unet": (prior.networks["unet"], kw)})
+    spec, lr = _lr()
+    write_volume(lr, str(tmp_path / "lr.nii.gz"))
+    r = cli("run", "--method", "paired-ddpm", "--input", tmp_path / "lr.nii.gz", "--output", tmp_path / "sr.nii.gz",
+            "--operator", "slice-removal", "--axis", 2, "--factor", 2, "--model", tmp_path / "prior",
+            "--set", "steps=2", "--set", "samples=2", "--uncertainty", tmp_path / "std.nii.gz",
+            "--progress", "jsonl", check=0)
+    events = [e for e in map(parse_event, r.stdout.splitlines()) if e]
+    assert [e["step"] for e in events if e["event"] == "progress"] == [1, 2]
+    sr, std = read_volume(str(tmp_path / "sr.nii.gz")), read_volume(str(tmp_path / "std.nii.gz"))
+    assert sr.grid.shape == HR and sr.grid.allclose(std.grid) and float(std.array.max()) > 0
+
+
+class _OracleEps(torch.nn.Module):
+    """The exact noise predictor of a model that knows the answer x0*: eps = (z - sqrt(ab) x0*) / sqrt(1 - ab)."""
+
+    def __init__(self, x0, alpha_bar):
+        super().__init__()
+        self.x0, self.ab = x0, alpha_bar.float()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, timesteps):
+        ab = self.ab[timesteps.long()].view(-1, 1, 1, 1, 1)
+        assert x.shape[1] == 2 + len(cosine.CONDITION_NAMES)
+        return (x[:, :1] - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sampler_with_an_oracle_model_recovers_the_truth(eta):
+    # One window covers the volume, so the oracle sees the whole residual; the DDIM chain, the residual scaling
+    # and the way back to input units must then give the truth, far above the B-spline baseline.
+    from MRISuperResLib.diffusion.intensity import robust_scale
+    from MRISuperResLib.metrics import psnr
+    from MRISuperResLib.priors.store import Prior
+
+    spec, lr = _lr("thick-slice", 2, 4.0, hr=(16, 16, 16))
+    truth = torch.as_tensor(phantom((16, 16, 16), 1) * 500.0, dtype=torch.float64)
+    y = torch.as_tensor(lr.array)
+    scale = robust_scale(y)
+    up = spec.bind_lr(lr.grid.shape).upsample(scale.to_unit(y), "cubic")
+    card = tiny_paired(0, patch=(16, 16, 16))[0].card
+    x0 = ((scale.to_unit(truth.float()) - up) / card["paired"]["residual_scale"])[None, None]
+    prior = Prior(card, {"unet": _OracleEps(x0, cosine.cosine_alpha_bar(1000))})
+    out = _run(prior, lr, spec, steps=10, eta=eta, samples=2)
+    base = super_resolve(lr, "bspline", spec, {}, None, device="cpu")
+    rng = float(truth.max() - truth.min())
+    ours = psnr(out.volume.array, truth.numpy(), data_range=rng)
+    assert ours > psnr(base.volume.array, truth.numpy(), data_range=rng) + 20
+    assert float(out.extras["uncertainty"].array.max()) < 1e-3 * rng  # samples agree when the model is certain
+
+
+@pytest.mark.slow
+def test_whole_1mm_brain_fits_patch_wise(prior):
+    # 160 x 224 x 160 from 4 mm slices: only the volume-sized buffers grow with the brain, not the network's
+    # activations (one batch of patches at a time).
+    import resource
+
+    spec = OperatorSpec.make("thick-slice", 2, 4.0)
+    lr = Volume.from_array(np.random.default_rng(0).random((160, 224, 40)).astype(np.float32) * 100)
+    big = tiny_paired(0, patch=(32, 32, 32))[0]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = super_resolve(lr, "paired-ddpm", spec, {"steps": 1}, big, device="cpu")
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0
+    assert out.volume.grid.shape == (160, 224, 160) and np.isfinite(out.volume.array).all()
+    assert grown_mb < 1500, grown_mb

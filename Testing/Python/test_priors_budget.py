@@ -1,0 +1,63 @@
+"""Memory/time estimates before a run, refusals with numbers, and the profiling helper."""
+
+import pytest
+import torch
+
+from MRISuperResLib.errors import ResourceError
+from MRISuperResLib.priors import budget, profile, synthetic, ukbb
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine (20x faster here)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_published_decoder_estimate_matches_the_measured_order():
+    # FACTS.md: the published decoder keeps about 34 GB for backward at full size (fp32), 15 TFLOP-ish forward
+    p = budget.network_profile(ukbb.card(), with_unet=False)
+    assert 30e9 < p["decoder_saved"] < 40e9
+    assert 10e12 < p["decoder_flops"] < 20e12
+    est = budget.estimate(ukbb.card(), "inversesr-decoder", "cpu", 601, profile=p)
+    assert est.memory_bytes < p["decoder_saved"]  # per-block checkpointing saves memory
+    plain = budget.estimate(ukbb.card(), "inversesr-decoder", "cpu", 601, checkpointing=False, profile=p)
+    assert plain.memory_bytes > est.memory_bytes and plain.seconds_per_iteration < est.seconds_per_iteration
+
+
+def test_published_prior_is_refused_on_a_small_cpu():
+    p = budget.network_profile(ukbb.card(), with_unet=False)
+    est = budget.estimate(ukbb.card(), "inversesr-decoder", "cpu", 601, profile=p)
+    with pytest.raises(ResourceError) as exc:
+        budget.check_fits(est, "inversesr-decoder with prior 'ukbb-brain-ldm'", available=16e9)
+    msg = str(exc.value)
+    assert "GB of memory" in msg and "16.0 GB are available" in msg and "601 iterations" in msg
+    assert "--device cuda" in exc.value.fix
+    assert exc.value.exit_code == 3
+
+
+def test_ldm_estimate_counts_one_unet_step_with_checkpointing():
+    card = synthetic.tiny_card()
+    p = budget.network_profile(card, with_unet=True)
+    assert p["unet_saved"] > 0 and p["unet_flops"] > 0
+    a = budget.estimate(card, "inversesr-ldm", "cpu", 10, ddim_steps=10, profile=p)
+    b = budget.estimate(card, "inversesr-ldm", "cpu", 10, ddim_steps=40, profile=p)
+    assert a.memory_bytes == b.memory_bytes  # memory does not grow with the chain
+    assert b.seconds_per_iteration > a.seconds_per_iteration
+    c = budget.estimate(card, "inversesr-ldm", "cpu", 10, ddim_steps=40, checkpointing=False, profile=p)
+    assert c.memory_bytes > b.memory_bytes
+    assert a.total_seconds == pytest.approx(10 * a.seconds_per_iteration)
+
+
+def test_available_memory_is_positive():
+    assert budget.available_memory("cpu") > 0
+
+
+def test_profile_on_a_tiny_config(device):
+    out = profile.profile("inversesr-decoder", device, shape=(16, 16, 8), iterations=2, card=synthetic.tiny_card())
+    assert out["seconds_per_iteration"] > 0 and out["peak_memory_gb"] > 0
+    assert out["shape"] == [16, 16, 8] and out["iterations"] == 2
+    assert out["estimate"]["memory_gb"] >= 0 and out["estimate"]["iterations"] == 2
+    assert torch.device(out["device"]).type == torch.device(device).type

@@ -1,0 +1,230 @@
+"""Chunked, resumable training; export to a prior folder; the `train` command line."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from MRISuperResLib.errors import InputError, UserError
+from MRISuperResLib.training.autoencoder import AutoencoderTask
+from MRISuperResLib.training.export import CARD, load_network, read_card, sha256_of
+from MRISuperResLib.training.ldm import LDMTask, alphas_cumprod, default_unet
+from MRISuperResLib.training.trainer import CHECKPOINT, LOG_FILE, TrainConfig, Trainer, load_checkpoint
+
+TINY_AE = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [4, 8], "latent_channels": 3,
+           "num_res_blocks": 1, "norm_num_groups": 4, "norm_eps": 1e-6, "attention_levels": [False, False],
+           "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
+TINY_SYNTH = {"shape": [64, 64, 64], "orientation": "LAS", "downsample": 4, "head": True}
+
+
+def ae_task(**kw):
+    opts = AutoencoderTask.default_options(network=TINY_AE, synth=TINY_SYNTH, patch=(8, 8, 8), **kw)
+    torch.manual_seed(0)
+    return AutoencoderTask(opts, "cpu")
+
+
+def run(tmp_path, name, steps, chunk=0, resume=False, clock=None, lr=1e-3):
+    folder = str(tmp_path / name)
+    os.makedirs(folder, exist_ok=True)
+    task = ae_task()
+    cfg = TrainConfig(steps=steps, chunk_steps=chunk, max_minutes=0, checkpoint_every=2, lr=lr, seed=3)
+    kw = {"clock": clock} if clock else {}
+    trainer = Trainer(task, cfg, folder, **kw)
+    if resume:
+        assert trainer.restore()
+    return trainer, trainer.train(), folder
+
+
+def _log_losses(folder):
+    with open(os.path.join(folder, LOG_FILE)) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    a, ra, fa = run(tmp_path, "a", 3)
+    assert ra.finished and ra.reason == "done"
+    _, rb, fb = run(tmp_path, "b", 3, chunk=1)
+    assert rb.step == 1 and rb.reason == "chunk" and not rb.finished
+    _, rb, _ = run(tmp_path, "b", 3, chunk=1, resume=True)
+    assert rb.step == 2
+    b, rb, _ = run(tmp_path, "b", 3, chunk=1, resume=True)
+    assert rb.step == 3 and rb.finished
+    sa, sb = a.task.ae.state_dict(), b.task.ae.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert _log_losses(fa) == _log_losses(fb)
+    ca, cb = load_checkpoint(fa), load_checkpoint(fb)
+    assert ca["step"] == cb["step"] == 3
+    ma = ca["optimizer"]["state"]
+    mb = cb["optimizer"]["state"]
+    assert all(torch.equal(ma[k]["exp_avg"], mb[k]["exp_avg"]) for k in ma)
+
+
+def test_a_differently_seeded_run_differs(tmp_path):
+    a, _, _ = run(tmp_path, "a", 2)
+    folder = str(tmp_path / "c")
+    os.makedirs(folder)
+    task = ae_task()
+    Trainer(task, TrainConfig(steps=2, max_minutes=0, lr=1e-3, seed=4), folder).train()
+    sa, sc = a.task.ae.state_dict(), task.ae.state_dict()
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_time_limit_stops_and_checkpoints(tmp_path):
+    ticks = iter(range(0, 10_000, 40))  # every clock read advances 40 s
+    folder = str(tmp_path / "t")
+    os.makedirs(folder)
+    trainer = Trainer(ae_task(), TrainConfig(steps=50, max_minutes=1.0, lr=1e-3), folder, clock=lambda: next(ticks))
+    result = trainer.train()
+    assert result.reason == "time" and 1 <= result.step < 50
+    assert load_checkpoint(folder)["step"] == result.step
+
+
+def test_training_reduces_the_loss(tmp_path):
+    """A tiny autoencoder fitted to one brain's patches: the L1 error must fall well below its start."""
+    folder = str(tmp_path / "fit")
+    os.makedirs(folder)
+    torch.manual_seed(0)
+    task = AutoencoderTask(AutoencoderTask.default_options(network=TINY_AE, synth=TINY_SYNTH, patch=(8, 8, 8),
+                                                           pool=1, edge_weight=0.0), "cpu")
+    Trainer(task, TrainConfig(steps=25, max_minutes=0, lr=1e-2, checkpoint_every=0), folder).train()
+    losses = _log_losses(folder)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot be read"):
+        load_checkpoint(str(folder))
+
+
+def test_export_card_matches_files_and_loads_back(tmp_path):
+    from MRISuperResLib.training.cli import export_run
+    from MRISuperResLib.training.trainer import write_run
+
+    trainer, _, folder = run(tmp_path, "e", 2)
+    write_run(folder, "autoencoder", trainer.task.options, trainer.config)
+    out = str(tmp_path / "prior")
+    card = export_run(trainer.task, folder, out, "tiny", eval_count=1)
+    assert card == read_card(out)
+    entry = card["networks"]["autoencoder"]
+    assert entry["sha256"] == sha256_of(os.path.join(out, entry["weights"]))
+    assert card["training"]["steps"] == 2 and card["training"]["held_out_metrics"]["heldout_count"] == 1
+    assert card["grid"] == {"shape": [16, 16, 16], "spacing": [4.0, 4.0, 4.0], "orientation": "LAS",
+                            "space": card["grid"]["space"]}
+    net = load_network(out, entry)
+    ref = trainer.task.ae.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
+    with open(os.path.join(out, entry["weights"]), "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    with pytest.raises(InputError, match="checksum"):
+        load_network(out, entry)
+
+
+def test_schedule_is_the_published_scaled_linear_one():
+    from monai.networks.schedulers import DDPMScheduler
+
+    sched = {"type": "scaled_linear_beta", "num_train_timesteps": 1000, "beta_start": 0.0015, "beta_end": 0.0205}
+    ours = alphas_cumprod(sched)
+    ref = DDPMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0205).alphas_cumprod
+    assert torch.allclose(ours, ref.float(), rtol=1e-5, atol=1e-7)
+    assert abs(float(1 - ours[0]) - 0.0015) < 1e-7
+
+
+def test_ldm_task_resumes_with_its_latent_cache(tmp_path):
+    torch.manual_seed(0)
+    ae = AutoencoderTask(AutoencoderTask.default_options(network=TINY_AE, synth=TINY_SYNTH), "cpu").ae
+    unet = default_unet(3, True, (8, 16))
+    unet["norm_num_groups"] = 4
+    small = dict(TINY_SYNTH, shape=[32, 32, 32])
+    opts = LDMTask.default_options(ae_kwargs=TINY_AE, synth=small, network=unet, pool=3)
+
+    def go(name, steps, chunk=0, resume=False):
+        folder = str(tmp_path / name)
+        os.makedirs(folder, exist_ok=True)
+        torch.manual_seed(0)
+        task = LDMTask(opts, "cpu", autoencoder=ae if not resume else None)
+        trainer = Trainer(task, TrainConfig(steps=steps, chunk_steps=chunk, max_minutes=0, lr=1e-3), folder)
+        if resume:
+            assert trainer.restore()
+        trainer.train()
+        return task
+
+    a = go("a", 3)
+    go("b", 3, chunk=2)
+    b = go("b", 3, resume=True)
+    assert a.scale_factor == b.scale_factor and set(a.cache) == set(b.cache)
+    sa, sb = a.unet.state_dict(), b.unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # The frozen autoencoder came back from the checkpoint, not from the original module.
+    assert all(torch.equal(v, ae.state_dict()[k]) for k, v in b.ae.state_dict().items())
+    card = b.card()
+    assert card["kind"] == "ldm" and card["latent"]["shape"] == [3, 4, 4, 4]
+    assert card["conditioning"]["names"] == ["contrast", "scale", "csf_volume", "brain_volume"]
+
+
+def test_cli_train_resume_export(tmp_path, capsys):
+    from MRISuperResLib.cli import main
+
+    ae_dir, ldm_dir = str(tmp_path / "ae"), str(tmp_path / "ldm")
+    base = ["--grid", "64", "64", "64", "--downsample", "4", "--threads", "1", "--device", "cpu"]
+    code = main(["train", "autoencoder", "--run-dir", ae_dir, "--steps", "2", "--patch", "8", "8", "8",
+                 "--channels", "4", "8", "--norm-groups", "4"] + base)
+    assert code == 0 and load_checkpoint(ae_dir)["step"] == 2
+    # A second new run into the same folder would overwrite it.
+    assert main(["train", "autoencoder", "--run-dir", ae_dir, "--steps", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "ldm", "--run-dir", ae_dir, "--resume"]) == 2
+    code = main(["train", "ldm", "--run-dir", ldm_dir, "--autoencoder", ae_dir, "--steps", "3", "--chunk-steps", "2",
+                 "--channels", "8", "16", "--norm-groups", "4", "--pool", "2", "--threads", "1", "--device", "cpu"])
+    assert code == 0 and load_checkpoint(ldm_dir)["step"] == 2
+    capsys.readouterr()
+    out = str(tmp_path / "prior")
+    code = main(["train", "ldm", "--run-dir", ldm_dir, "--resume", "--export", out, "--eval-count", "1",
+                 "--progress", "jsonl", "--device", "cpu"])
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert events[-1]["event"] == "result" and events[-1]["finished"] and events[-1]["step"] == 3
+    assert any(e["event"] == "progress" for e in events)
+    card = read_card(out)
+    assert card["kind"] == "ldm" and set(card["networks"]) == {"autoencoder", "unet"}
+    assert "--resume" in card["training"]["command"] and card["training"]["steps"] == 3
+    for entry in card["networks"].values():
+        assert sha256_of(os.path.join(out, entry["weights"])) == entry["sha256"]
+        load_network(out, entry)
+    assert os.path.exists(os.path.join(out, CARD))
+    # The prior store (what the methods use) accepts the exported folder as an LDM prior.
+    from MRISuperResLib.priors.store import load_prior
+
+    prior = load_prior(out, kind="ldm")
+    assert prior.name == "prior" and prior.unet is not None and prior.autoencoder is not None
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(UserError, match="lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(InputError, match="multiple"):
+        AutoencoderTask(AutoencoderTask.default_options(network=TINY_AE, synth=TINY_SYNTH, patch=(7, 8, 8)), "cpu")
+
+
+@pytest.mark.parametrize("task, extra", [
+    ("vdm", ["--crop", "16", "--batch-size", "2"]),
+    ("paired", ["--patch", "16", "16", "16"]),
+])
+def test_cli_plugin_tasks_train_and_resume(tmp_path, task, extra):
+    """vdm and paired live in their own modules; the command line finds, trains and resumes them."""
+    import importlib.util
+
+    from MRISuperResLib.cli import main
+
+    if importlib.util.find_spec("MRISuperResLib.training." + task) is None:
+        pytest.skip("training/%s.py is not there" % task)
+    folder = str(tmp_path / task)
+    args = ["train", task, "--run-dir", folder, "--steps", "2", "--chunk-steps", "1", "--grid", "32", "32", "32",
+            "--channels", "8", "16", "--norm-groups", "4", "--threads", "1", "--device", "cpu"] + extra
+    assert main(args) == 0 and load_checkpoint(folder)["step"] == 1
+    assert main(["train", task, "--run-dir", folder, "--resume", "--device", "cpu"]) == 0
+    assert load_checkpoint(folder)["step"] == 2
