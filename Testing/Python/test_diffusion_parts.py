@@ -14,16 +14,6 @@ from MRISuperResLib.errors import InputError
 from MRISuperResLib.priors.store import Prior
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks gain nothing from threads, and on a busy 2-core machine two OpenMP threads spin-wait
-    # each other (100x slower measured here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomise(net, seed, scale=0.05):
     # MONAI zero-initialises the output convolution; random weights everywhere make the network matter.
     g = torch.Generator().manual_seed(seed)

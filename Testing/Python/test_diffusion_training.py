@@ -15,14 +15,6 @@ from MRISuperResLib.volume import Volume
 SYNTH = {"shape": [32, 32, 24], "orientation": "LAS", "downsample": 1, "head": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks gain nothing from threads, and on a busy 2-core machine two OpenMP threads spin-wait
-    # each other (100x slower measured here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _train(task, run_dir, steps):

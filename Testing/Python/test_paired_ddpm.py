@@ -18,14 +18,6 @@ from MRISuperResLib.volume import Volume, read_volume, write_volume
 HR = (12, 10, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks gain nothing from threads, and on a busy 2-core machine two OpenMP threads spin-wait
-    # each other (100x slower measured here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

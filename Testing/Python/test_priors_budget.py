@@ -7,15 +7,6 @@ from MRISuperResLib.errors import ResourceError
 from MRISuperResLib.priors import budget, profile, synthetic, ukbb
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine (20x faster here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_published_decoder_estimate_matches_the_measured_order():
     # FACTS.md: the published decoder keeps about 34 GB for backward at full size (fp32), 15 TFLOP-ish forward
     p = budget.network_profile(ukbb.card(), with_unet=False)

@@ -8,15 +8,6 @@ from MRISuperResLib.priors.ddim import ddim_pairs, ddim_step, ddim_timesteps
 from MRISuperResLib.priors.generator import LatentGenerator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine (20x faster here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prior():
     return synthetic.random_prior(synthetic.tiny_card(), seed=0)

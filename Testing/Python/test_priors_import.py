@@ -15,13 +15,6 @@ from MRISuperResLib.priors.importer import import_model, remove_model
 old_nets = pytest.importorskip("generative.networks.nets")  # monai-generative 0.2.3, installed with --no-deps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine (20x faster here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -10,15 +10,6 @@ from MRISuperResLib.errors import InputError
 from MRISuperResLib.priors import networks, synthetic, ukbb
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine (20x faster here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_published_architecture_parameter_counts():
     # built on the meta device: no memory, no time
     ae = networks.build({"class": "AutoencoderKL", "kwargs": ukbb.AUTOENCODER_KWARGS}, device="meta")

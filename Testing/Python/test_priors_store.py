@@ -11,15 +11,6 @@ from MRISuperResLib.priors import card as cards
 from MRISuperResLib.priors import store, synthetic, ukbb
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine (20x faster here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def roots(tmp_path, monkeypatch):
     user, bundled = tmp_path / "user", tmp_path / "bundled"
