@@ -11,12 +11,10 @@ Setting *names* (e.g. ``num_samples``) are identifiers of the library and travel
 Nothing here imports torch, qt or the library itself: the worker is another process.
 """
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-EVENTS = ("start", "progress", "warning", "result", "error")
 OPERATORS = ("slice-removal", "thick-slice", "downsample", "kspace")
 PROFILES = ("gaussian", "box")
 
@@ -46,18 +44,12 @@ def translateEvent(event: dict) -> dict:
 
 def parseEventLine(line) -> Optional[dict]:
     """The camelCase event in one stdout line, or None for anything that is not a protocol event."""
-    if isinstance(line, bytes):
-        line = line.decode("utf-8", "replace")
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or obj.get("event") not in EVENTS:
-        return None
-    return translateEvent(obj)
+    # The library's reader is the one definition of a protocol line; that module imports only the standard
+    # library, so Slicer's process stays free of torch.
+    from MRISuperResLib.progress import parse_event
+
+    obj = parse_event(line)
+    return None if obj is None else translateEvent(obj)
 
 
 def formatValue(value) -> str:
