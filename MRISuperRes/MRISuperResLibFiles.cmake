@@ -7,6 +7,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/devices.py
   MRISuperResLib/errors.py
   MRISuperResLib/metrics.py
+  MRISuperResLib/native.py
   MRISuperResLib/pipeline.py
   MRISuperResLib/progress.py
   MRISuperResLib/registration.py
@@ -46,6 +47,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/priors/inversion.py
   MRISuperResLib/priors/networks.py
   MRISuperResLib/priors/profile.py
+  MRISuperResLib/priors/reference.py
   MRISuperResLib/priors/space.py
   MRISuperResLib/priors/store.py
   MRISuperResLib/priors/synthetic.py

@@ -92,6 +92,9 @@ def build_parser():
     s.add_argument("--progress", choices=["text", "jsonl"], default="text")
     s.add_argument("--uncertainty", default=None, help="Also write the per-voxel std over samples here.")
     s.add_argument("--residual", default=None, help="Also write |A(x) - y| on the input grid here.")
+    s.add_argument("--registration", choices=["auto", "rigid", "affine", "none"], default="auto",
+                   help="How the input reaches the prior's space (inversesr methods only): auto registers rigidly "
+                        "unless the input already lies on the prior's grid; none takes it as already aligned.")
 
     s = sub.add_parser("metrics", help="PSNR and SSIM of a volume against a reference.")
     s.add_argument("--reference", required=True)
@@ -224,9 +227,11 @@ def _run_one(args, method, overrides, spec, lr, input_path, output, uncertainty,
         progress.warning("%s: degradation inferred from the voxel spacing: %s (override with --operator/--axis/--factor)."
                          % (os.path.basename(input_path), json.dumps(spec.describe())))
     sink({"event": "start", "method": method.name, "input": input_path, "output": output,
-          "device": args.device, "degradation": spec.describe(), "version": __version__})
+          "device": args.device, "degradation": spec.describe(), "registration": args.registration,
+          "version": __version__})
     t0 = time.monotonic()
-    result = super_resolve(lr, method.name, spec, overrides, prior, args.device, args.seed, progress)
+    result = super_resolve(lr, method.name, spec, overrides, prior, args.device, args.seed, progress,
+                           registration=args.registration)
     if uncertainty and "uncertainty" not in result.extras:
         progress.warning("Method %s produced no uncertainty map (it needs several samples); %s not written."
                          % (method.name, uncertainty))

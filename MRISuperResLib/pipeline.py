@@ -2,8 +2,11 @@
 
 1. Decide the degradation: the user's operator, or infer it from the voxel spacing.
 2. Bind it to the input's size -> the operator A and the HR grid (physics.hr_grid).
-3. Run the method's solver on the voxels (input intensity units, float32 tensors in i, j, k order).
-4. Wrap the result on the HR grid, float32, marked as AI-generated when the method is generative.
+3. Methods bound to a prior's grid (needs_prior "ldm"): bring the input into the prior's space (native.py:
+   registration unless the input already lies on the prior's grid) and solve there.
+4. Run the method's solver on the voxels (input intensity units, float32 tensors in i, j, k order).
+5. Back on the HR grid (native.py blends the prior's output with the B-spline interpolation outside the
+   prior's support), float32, marked as AI-generated when the method is generative.
 """
 
 import warnings
@@ -13,6 +16,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from . import native
 from .devices import resolve_device
 from .errors import InputError
 from .methods import get_method
@@ -49,9 +53,15 @@ class RunOutput:
 
 def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, settings: Optional[dict] = None,
                   prior=None, device: str = "auto", seed: Optional[int] = None,
-                  progress: Optional[Progress] = None) -> RunOutput:
+                  progress: Optional[Progress] = None, registration: str = "auto") -> RunOutput:
+    """`registration` (native.MODES) matters only for methods bound to a prior's grid; see native.py."""
     m = get_method(method)
     progress = progress or Progress()
+    native.check_mode(registration)
+    grid_bound = m.needs_prior == "ldm" and getattr(prior, "kind", None) == "ldm"
+    if m.needs_prior != "ldm" and registration in ("rigid", "affine"):
+        progress.warning("Method %s is not bound to a prior's grid: it runs on the input's grid, no registration."
+                         % m.name)
     spec = spec or infer_degradation(lr.grid)
     if spec.kind not in m.operators:
         raise InputError("Method %s is not built for %s degradations." % (m.name, spec.kind),
@@ -70,8 +80,13 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
     out_grid = hr_grid(lr.grid, op)
     gen = torch.Generator(device="cpu").manual_seed(int(resolved.get("seed", seed or 0)))
     y = torch.as_tensor(lr.array, dtype=torch.float32, device=dev)
+    place = native.link(out_grid, op, y, prior, registration, progress) if grid_bound else None
     progress.restart_clock()
-    result = m.solve(y, op, prior, resolved, progress, gen)
+    result = m.solve(y, place.physics(op) if place else op, prior, resolved, progress, gen)
+    y = y.to(result.x.device)  # a solver may have fallen back to the CPU
+    x, extras = result.x.detach().to(y.dtype), {k: v.detach().to(y.dtype) for k, v in result.extras.items()}
+    if place is not None:
+        x, extras = place.back(x, extras, op, y, resolved.get("paste_observed", False))
     desc = GENERATED_DESCRIPTION if m.generative else "MRISuperRes %s" % m.name
 
     def wrap(t):
@@ -80,8 +95,10 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
 
     info = {"method": m.name, "settings": resolved, "degradation": op.describe(), "device": str(dev)}
     info.update(result.info)
+    info["registration"] = place.info if place is not None else {
+        "mode": "not used", "reason": "%s runs on the input's own grid" % m.name}
     with torch.no_grad():
-        res = (op.forward(result.x.detach().to(y.dtype)) - y).abs().to("cpu").numpy()
+        res = (op.forward(x) - y).abs().to("cpu").numpy()
     residual = Volume(np.ascontiguousarray(res), lr.grid, description="MRISuperRes residual |A(x) - y|")
     info["residual_rel"] = float(np.linalg.norm(res) / max(float(np.linalg.norm(lr.array)), 1e-12))
-    return RunOutput(wrap(result.x), residual, {k: wrap(v) for k, v in result.extras.items()}, info)
+    return RunOutput(wrap(x), residual, {k: wrap(v) for k, v in extras.items()}, info)

@@ -21,6 +21,9 @@ from .errors import InputError
 from .volume import Volume, to_sitk
 
 MIN_NCC = 0.4  # T1 vs T1 after alignment is well above this; inverted contrast (T2) or a non-brain is below
+SHRINK = (4, 2, 1)
+SAMPLING = 0.1  # share of the fixed image's voxels drawn per level...
+MIN_SAMPLES = 50_000  # ...but at least this many: a small or shrunk image gives too few, and a noisy metric
 
 
 @dataclass
@@ -66,13 +69,14 @@ def register(native: Volume, reference: Volume, brain_mask: np.ndarray, mode: st
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.1, seed)
+    n = float(np.prod(native.grid.shape))
+    reg.SetMetricSamplingPercentagePerLevel([min(1.0, max(SAMPLING, MIN_SAMPLES * f ** 3 / n)) for f in SHRINK], seed)
     reg.SetMetricMovingMask(mmask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=150,
                                                  relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetShrinkFactorsPerLevel(list(SHRINK))
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(init, inPlace=True)  # `init` becomes the optimised transform

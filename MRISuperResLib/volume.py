@@ -188,10 +188,20 @@ def check_output_path(path, input_paths=()) -> str:
     return path
 
 
-def write_volume(vol: Volume, path, description=None) -> str:
-    """Write float32 voxels atomically: a temp file in the same folder, then rename."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_volume(vol: Volume, path, description=None, pixel_type: str = "float32") -> str:
+    """Write float32 (or, for small auxiliary images, uint8) voxels atomically: a temp file, then rename."""
     path = check_output_path(path)
     img = to_sitk(vol)
+    if pixel_type == "uint8":
+        img = sitk.Cast(sitk.Clamp(sitk.Round(img), sitk.sitkFloat32, 0, 255), sitk.sitkUInt8)
+    elif pixel_type != "float32":
+        raise ValueError("pixel_type must be float32 or uint8")
     desc = vol.description if description is None else description
     if desc:
         # ITK maps ITK_FileNotes to NIfTI's 'descrip' (80 chars) and keeps it as a field in NRRD and MHA.
@@ -202,6 +212,7 @@ def write_volume(vol: Volume, path, description=None) -> str:
     os.close(fd)
     try:
         sitk.WriteImage(img, tmp, useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except RuntimeError as exc:
         raise InputError("Could not write %s (%s)." % (path, str(exc).strip().splitlines()[-1][:160]),

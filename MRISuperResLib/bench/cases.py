@@ -55,19 +55,16 @@ def mni152_case(quick=False) -> Case:
 
 
 def synthetic_cases(n: int) -> List[Case]:
-    try:
-        from ..training import synth
-    except ImportError:
-        return []
+    """Held-out synthetic heads (seeds the training never draws), on the default priors' own 1 mm grid."""
+    from ..training import synth
+
     out = []
-    for i in range(n):
-        seed = synth.HELD_OUT_SEED_START + i if hasattr(synth, "HELD_OUT_SEED_START") else 10**6 + i
-
+    for seed in synth.split_seeds("heldout", n):
         def load(seed=seed):
-            return _crop(synth.held_out_volume(seed), 8)
+            gen = synth.BrainSynth(synth.SynthConfig())
+            return Volume(gen.sample(seed).image.numpy(), gen.grid(), description="synthetic held-out %d" % seed)
 
-        if hasattr(synth, "held_out_volume"):
-            out.append(Case("synthetic-%d" % seed, "held-out synthetic", load))
+        out.append(Case("synthetic-%d" % seed, "held-out synthetic", load))
     return out
 
 

@@ -5,6 +5,7 @@ Suited to low sparsity (e.g. 4 mm slices). Notation and steps: see priors/invers
 2. Adam on z_0 for `iterations` steps: loss = mean |A D(z_0) - y| (+ optional perceptual term)
 3. x = D(z_0), optionally with the observed data pasted back
 Defaults come from the prior's model card (the published prior: Adam, lr 0.07, 601 iterations).
+The pipeline hands it the operator in the prior's space (native.py): registered unless the input lies on its grid.
 """
 
 from ..priors import inversion

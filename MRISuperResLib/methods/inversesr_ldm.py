@@ -7,6 +7,7 @@ Suited to high sparsity (e.g. 8 mm slices). Notation and steps: see priors/inver
    c is clamped to [0, 1] after each step; every DDIM step and decoder block is checkpointed
 3. x = D(DDIM(z_T, c)), optionally with the observed data pasted back
 With ddim_steps = 46 the chain is the paper's t = 991, 969, ..., 1.
+The pipeline hands it the operator in the prior's space (native.py): registered unless the input lies on its grid.
 """
 
 from ..priors import inversion

@@ -18,6 +18,7 @@ alpha_t^2 = sigmoid(-g_t), sigma_t^2 = sigmoid(g_t), lambda the mixing weight.
 Equivalence with the k-space formulation. Along a truncated axis with odd m, the operator's matrix is
 A = (m/n) F_m^-1 Phi C F_n: F the DFT, C keeps the m central frequencies, Phi a linear phase (the LR samples sit
 at HR index j f + (f-1)/2). So A A^T = (m/n) I, A^+ = (n/m) A^T, and P = F_n^-1 C^T C F_n keeps the central band.
+Its prior is 2D, not bound to a grid: it runs on the input's own HR grid, with no registration (native.py).
 Step 3b is then, in k-space: on the measured band K(z) <- lambda K_t + (1 - lambda) K(z), where K_t is the
 LR spectrum of y_t times n/m with the phase undone (this scaling makes DC, hence the mean, equal on both
 grids), and outside the band K(z) is unchanged. lambda = 1 is hard data consistency. For even m the

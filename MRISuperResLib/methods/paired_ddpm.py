@@ -13,6 +13,7 @@ profile, factor per axis), x0 the residual (x - up) / residual_scale, ab the cos
 5. back to input units; the mean over samples is the output, their std the uncertainty.
 Every step's noise prediction covers the whole volume before the update, so all patches share one timestep
 and one noise draw, and overlapping patches never disagree about z.
+Its prior works on patches, not on one grid: it runs on the input's own HR grid, with no registration (native.py).
 """
 
 import torch
@@ -23,12 +24,16 @@ from ..diffusion.patches import sliding_window
 from ..errors import InputError
 from .registry import SEED, Setting, SolveResult, register
 
+AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
+
 SETTINGS = [
     Setting("steps", "int", 20, "DDIM sampling steps.", min=1, max=1000),
     Setting("eta", "float", 0.0, "DDIM stochasticity (0: deterministic given the seed, 1: DDPM-like).",
             min=0.0, max=1.0),
     Setting("samples", "int", 1, "Independent samples; the output is their mean, their std the uncertainty.",
             min=1, max=64),
+    Setting("patch", "int", 0, "Cubic patch size at inference (0: the training patch). The network is fully "
+            "convolutional; larger patches spend less time on overlaps.", min=0, max=512),
     Setting("overlap", "float", 0.25, "Overlap of neighbouring patches (fraction of the patch).", min=0.0, max=0.9),
     Setting("batch", "int", 2, "Patches per network call (each needs a few hundred MB on CPU; "
             "raise it on a GPU).", min=1, max=1024),
@@ -68,12 +73,22 @@ def solve(y, physics, prior, settings, progress, generator):
         yn = scale.to_unit(y.to(dtype))
         up = physics.upsample(yn, "cubic")[None, None].expand(hr)
         z = randn(hr)
+        patch = model.patch if not settings.get("patch") else (int(settings["patch"]),) * 3
+        skipped = [0, 0]
         for n, (t, ab_t, ab_prev) in enumerate(pairs, 1):
-            def eps_fn(chunk, t=t):
-                chunk = chunk.to(net_dev)
-                return model.eps(chunk[:, :1], chunk[:, 1:2], cond.expand(chunk.shape[0], -1), t).to(dev, dtype)
+            def eps_fn(chunk, t=t, ab_t=ab_t):
+                # Air (the upsampled input at the floor everywhere in the patch) has no residual to add:
+                # answer x0_hat = 0 there (eps = z / sqrt(1 - ab)) instead of running the network.
+                eps = chunk[:, :1] / (1.0 - ab_t) ** 0.5
+                busy = chunk[:, 1:2].flatten(1).amax(1) > AIR_LEVEL
+                skipped[0] += int((~busy).sum())
+                skipped[1] += chunk.shape[0]
+                if bool(busy.any()):
+                    part = chunk[busy].to(net_dev)
+                    eps[busy] = model.eps(part[:, :1], part[:, 1:2], cond.expand(part.shape[0], -1), t).to(dev, dtype)
+                return eps
 
-            eps_hat = sliding_window(eps_fn, torch.cat([z, up], 1), model.patch, float(settings["overlap"]),
+            eps_hat = sliding_window(eps_fn, torch.cat([z, up], 1), patch, float(settings["overlap"]),
                                      int(settings["batch"]))
             z = ddim_step(z, eps_hat, ab_t, ab_prev, eta, randn(hr) if eta > 0 and ab_prev < 1.0 else None,
                           model.clip)
@@ -85,5 +100,6 @@ def solve(y, physics, prior, settings, progress, generator):
         extras = {}
         if n_samples > 1:
             extras["uncertainty"] = out.std(0)
-    info = {"samples": n_samples, "patch": list(model.patch), "intensity_scale": [scale.lo, scale.hi]}
+    info = {"samples": n_samples, "patch": list(patch), "intensity_scale": [scale.lo, scale.hi],
+            "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4)}
     return SolveResult(out.mean(0), extras, info)

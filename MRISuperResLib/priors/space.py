@@ -121,6 +121,20 @@ def orientation_code(direction) -> str:
     return code
 
 
+def direction_of(code: str) -> Tuple[float, ...]:
+    """The axis-aligned ITK direction (row-major 3x3) an orientation code names; inverse of `orientation_code`."""
+    d = [[0.0] * 3 for _ in range(3)]
+    rows = set()
+    for a, letter in enumerate(str(code).upper()[:3]):
+        for r, (pos, neg) in enumerate(_LABELS):
+            if letter in (pos, neg):
+                d[r][a] = 1.0 if letter == pos else -1.0
+                rows.add(r)
+    if len(str(code)) != 3 or len(rows) != 3:
+        raise ValueError("orientation %r does not name three different axes (e.g. LAS, RAS, LPS)" % (code,))
+    return tuple(v for row in d for v in row)
+
+
 def reorientation(source: str, target: str):
     """(perm, flips) with y = flip(x.permute(perm), flips) turning axes labelled `source` into `target`.
 

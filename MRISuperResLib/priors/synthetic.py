@@ -16,8 +16,13 @@ from .store import Prior
 
 
 def tiny_card(name: str = "tiny-ldm", image: Sequence[int] = (16, 16, 16), channels: Sequence[int] = (8, 8),
-              unet_channels: Sequence[int] = (8, 8), conditioning: bool = True, groups: int = 4) -> dict:
-    """A small LDM card of the published prior's topology (no attention in the AE, cross-attention in the UNet)."""
+              unet_channels: Sequence[int] = (8, 8), conditioning: bool = True, groups: int = 4,
+              orientation: str = "LPS") -> dict:
+    """A small LDM card of the published prior's topology (no attention in the AE, cross-attention in the UNet).
+
+    Random weights have no anatomy, so the grid defaults to ITK's identity frame (LPS, box centred on the origin):
+    plain arrays (Volume.from_array) then lie on the prior's axes, as inputs already in its space do.
+    """
     down = 2 ** (len(channels) - 1)
     latent = [3] + [int(s) // down for s in image]
     n_cond = 4 if conditioning else 0
@@ -39,7 +44,8 @@ def tiny_card(name: str = "tiny-ldm", image: Sequence[int] = (16, 16, 16), chann
         "schedule": {"type": "scaled_linear_beta", "num_train_timesteps": 1000, "beta_start": 0.0015,
                      "beta_end": 0.0205, "prediction": "epsilon"},
         "latent": {"scale_factor": 1.0, "channels": 3, "shape": latent},
-        "grid": {"shape": list(image), "spacing": [1.0, 1.0, 1.0], "orientation": "LAS", "space": "MNI-like"},
+        "grid": {"shape": list(image), "spacing": [1.0, 1.0, 1.0], "orientation": orientation,
+                 "space": "MNI-like"},
         "intensity": {"range": [0.0, 1.0], "normalisation": "none"},
         "conditioning": {"names": ["gender", "age", "ventricular_volume", "brain_volume"],
                          "default": [0.5] * 4, "as_channels": True, "as_context": True} if conditioning else None,

@@ -23,6 +23,9 @@ DEFAULT_AE = {
 }
 
 
+LOG_VAR_INIT = -8.0
+
+
 def build_autoencoder(kwargs: dict):
     from monai.networks.nets import AutoencoderKL
 
@@ -76,6 +79,10 @@ class AutoencoderTask:
             raise InputError("Patch/grid size %s is not a multiple of the autoencoder's factor %d." % (tuple(check), f),
                              "Use sizes divisible by %d (for example --patch %d %d %d)." % (f, 8 * f, 8 * f, 8 * f))
         self.ae = build_autoencoder(options["network"]).to(self.device)
+        with torch.no_grad():
+            # A fresh encoder's posterior std starts near 1, which drowns its still tiny means and stalls the
+            # first thousand steps; start it small (a resumed run loads its own value over this).
+            self.ae.quant_conv_log_sigma.conv.bias.fill_(LOG_VAR_INIT)
 
     @staticmethod
     def default_options(network=None, synth=None, patch=(64, 64, 64), batch_size=1, kl_weight=1e-6,

@@ -88,6 +88,8 @@ def add_parser(subparsers):
     m.add_argument("--channels", type=int, nargs="+", default=None, help="UNet channels (default 32 64 64).")
     m.add_argument("--res-blocks", type=int, default=None)
     m.add_argument("--norm-groups", type=int, default=None)
+    m.add_argument("--attention-levels", type=int, nargs="+", default=None,
+                   help="1/0 per level: self-attention there (default: all but the first; on CPU keep only the last).")
     m.add_argument("--no-conditioning", action="store_true", default=None)
     m.set_defaults(handler=cmd_train, task="ldm")
 
@@ -160,6 +162,12 @@ def _new_options(args, device):
         unet["num_res_blocks"] = args.res_blocks
     if args.norm_groups is not None:
         unet["norm_num_groups"] = args.norm_groups
+    if args.attention_levels is not None:
+        if len(args.attention_levels) != len(unet["channels"]):
+            raise InputError("--attention-levels needs one 0/1 per level (%d levels)." % len(unet["channels"]),
+                             "Example: --attention-levels %s" % " ".join(["0"] * (len(unet["channels"]) - 1) + ["1"]))
+        unet["attention_levels"] = [bool(v) for v in args.attention_levels]
+        unet["num_head_channels"] = [min(32, c) if a else 0 for c, a in zip(unet["channels"], unet["attention_levels"])]
     opts = LDMTask.default_options(ae_kwargs=ae_kwargs, synth=_synth_options(args, synth), network=unet,
                                    batch_size=args.batch_size or 1, pool=256 if args.pool is None else args.pool,
                                    conditioning=cond)

@@ -39,3 +39,15 @@ def test_bench_on_a_folder_case(tmp_path):
     for name in ("psnr_masked.png", "head1_slice-removal-4mm.png", "head1_kspace-2x.png"):
         assert os.path.getsize(out / name) > 1000
     assert not [p for p in os.listdir(out) if "partial" in p]
+
+
+def test_synthetic_cases_are_held_out_heads_on_the_prior_grid():
+    from MRISuperResLib.bench.cases import resolve_cases
+    from MRISuperResLib.training.synth import HELDOUT_START
+
+    cases = resolve_cases(["synthetic"], synthetic=2)
+    assert [c.name for c in cases] == ["synthetic-%d" % HELDOUT_START, "synthetic-%d" % (HELDOUT_START + 1)]
+    assert all(c.label == "held-out synthetic" for c in cases)
+    vol = cases[0].load()
+    assert vol.grid.shape == (160, 224, 160) and vol.grid.spacing == (1.0, 1.0, 1.0)
+    assert 0.0 <= vol.array.min() and vol.array.max() <= 1.0 and vol.array.std() > 0.05

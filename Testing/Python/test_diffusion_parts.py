@@ -211,3 +211,11 @@ def test_sliding_window_blends_a_per_patch_offset_smoothly():
     assert torch.allclose(out[:, 1], 2 * out[:, 0])
     assert patches.corners(24, 8, 0.5) == [0, 4, 8, 12, 16]
     assert patches.corners(21, 8, 0.25) == [0, 6, 12, 13]
+
+
+def test_sampling_chain_starts_where_x0_is_recoverable():
+    ab = cosine.cosine_alpha_bar(1000)
+    pairs = cosine.sampling_pairs(5, ab)
+    t0, ab0, _ = pairs[0]
+    assert cosine.START_ALPHA_BAR <= ab0 < 2 * cosine.START_ALPHA_BAR  # as late as it can start, no later
+    assert [p[0] for p in pairs] == sorted((p[0] for p in pairs), reverse=True) and pairs[-1][2] == 1.0

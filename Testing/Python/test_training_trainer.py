@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,8 +113,16 @@ def test_export_card_matches_files_and_loads_back(tmp_path):
     entry = card["networks"]["autoencoder"]
     assert entry["sha256"] == sha256_of(os.path.join(out, entry["weights"]))
     assert card["training"]["steps"] == 2 and card["training"]["held_out_metrics"]["heldout_count"] == 1
+    grid = trainer.task.synth.grid()
     assert card["grid"] == {"shape": [16, 16, 16], "spacing": [4.0, 4.0, 4.0], "orientation": "LAS",
+                            "origin": list(grid.origin), "direction": [float(v) for v in grid.direction],
                             "space": card["grid"]["space"]}
+    # The exported box is the one prior_grid() rebuilds for registration, to the micrometre.
+    from MRISuperResLib.priors.reference import prior_grid
+
+    back = prior_grid(card)
+    assert back.shape == grid.shape and np.allclose(back.origin, grid.origin, atol=1e-6)
+    assert np.allclose(back.direction, grid.direction, atol=1e-9)
     net = load_network(out, entry)
     ref = trainer.task.ae.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())

@@ -1,0 +1,117 @@
+"""Where a prior's grid lies in physical (LPS) space, and the reference image native inputs are registered to.
+
+Grid: shape and spacing from the card; origin and direction from the card when it gives them (exported priors
+do). Older cards name only an orientation code: the direction then follows from the code and the box is centred
+on the physical origin, which MNI-like spaces put near the middle of the brain.
+
+Reference: the card's `reference` files (mean brain and brain mask, sha256-checked) when present. Otherwise the
+prior's decoder applied to the zero latent, the centre of the latent distribution, with a brain mask from
+Otsu's threshold, its largest component and its holes filled.
+"""
+
+import os
+import weakref
+from typing import Tuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..errors import InputError
+from ..volume import Grid, Volume, read_volume
+from .space import direction_of, shape_of
+
+# Decoding the zero latent of the published prior takes minutes on a CPU; a benchmark reuses one prior for
+# many runs, so the fallback reference is kept for as long as its prior lives.
+_DECODED = weakref.WeakKeyDictionary()
+
+
+def prior_grid(card: dict) -> Grid:
+    g = card.get("grid") or {}
+    shape = shape_of(g["shape"])
+    spacing = [float(s) for s in (g.get("spacing") or (1.0, 1.0, 1.0))]
+    if g.get("direction") is not None:
+        direction = np.asarray(g["direction"], dtype=np.float64).reshape(3, 3)
+    else:
+        try:
+            direction = np.asarray(direction_of(g.get("orientation") or "LPS")).reshape(3, 3)
+        except ValueError as exc:
+            raise InputError("Model card: grid.orientation is not usable (%s)." % exc,
+                             "Give grid.direction (9 numbers, LPS) or an orientation code such as LAS.") from None
+    if g.get("origin") is not None:
+        origin = np.asarray(g["origin"], dtype=np.float64)
+    else:
+        origin = -direction @ ((np.asarray(shape) - 1) / 2.0 * np.asarray(spacing))
+    return Grid(shape, spacing, origin, direction)
+
+
+def prior_reference(prior) -> Tuple[Volume, np.ndarray]:
+    """(reference image, boolean brain mask on its grid), in the prior's physical space."""
+    ref = (prior.card or {}).get("reference")
+    if ref:
+        return _read_reference(prior, ref)
+    if prior not in _DECODED:
+        _DECODED[prior] = _decoded_reference(prior)
+    return _DECODED[prior]
+
+
+def _read_reference(prior, ref: dict) -> Tuple[Volume, np.ndarray]:
+    from .networks import file_digest
+
+    folder = getattr(prior, "folder", None)
+    if not folder:
+        raise InputError("Prior '%s' names reference files but has no folder to read them from." % prior.name,
+                         "Load the prior from its folder (--model PATH).")
+    sums = ref.get("sha256") or {}
+    vols = []
+    for key in ("image", "mask"):
+        name = ref.get(key)
+        path = os.path.join(folder, str(name))
+        if not name or not os.path.isfile(path):
+            raise InputError("The reference %s of prior '%s' is missing (%s)." % (key, prior.name, path),
+                             "Re-export or re-import the prior.")
+        want = sums.get(name)
+        got = file_digest(path)
+        if not want or got != want:
+            raise InputError("Reference file %s of prior '%s' is corrupt, changed or unchecked (sha256 %s, card "
+                             "says %s)." % (path, prior.name, got, want), "Re-export or re-import the prior.")
+        vols.append(read_volume(path))
+    image, mask = vols
+    if not image.grid.allclose(mask.grid, atol=1e-4):
+        raise InputError("The reference image and mask of prior '%s' are on different grids." % prior.name,
+                         "Re-export the prior.")
+    return image, mask.array > 0.5
+
+
+def _decoded_reference(prior) -> Tuple[Volume, np.ndarray]:
+    from .generator import LatentGenerator
+
+    gen = LatentGenerator(prior, checkpointing=False)
+    with torch.no_grad():
+        z = torch.zeros((1,) + gen.latent_shape, device=prior.device)
+        x = gen.decode(z)[0, 0].to("cpu", torch.float32).numpy()
+    image = Volume(np.ascontiguousarray(x), prior_grid(prior.card), description="decoded zero latent")
+    return image, brain_mask(x)
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """Otsu foreground, its largest connected component, holes filled."""
+    fg = image > otsu_threshold(image)
+    labels, n = ndimage.label(fg)
+    if n > 1:
+        sizes = ndimage.sum(fg, labels, range(1, n + 1))
+        fg = labels == (1 + int(np.argmax(sizes)))
+    return ndimage.binary_fill_holes(fg)
+
+
+def otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
+    """The threshold maximising the between-class variance of the intensity histogram."""
+    hist, edges = np.histogram(np.asarray(image, dtype=np.float64).ravel(), bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between[:-1])) + 1])  # upper edge of the last background bin
