@@ -21,7 +21,20 @@ def add_parser(sub):
     p.add_argument("--profile", action="store_true",
                    help="Instead: seconds/iteration and peak memory of the InverseSR methods at the published "
                         "prior's full size, random weights.")
+    p.add_argument("--gate", action="store_true",
+                   help="The default priors' quality gate: InverseSR and paired-ddpm at 4 and 8 mm slice removal, "
+                        "kspace-vdm at 4x k-space, each against its baseline; the result is written into each "
+                        "prior's model card (with --update-cards).")
+    p.add_argument("--update-cards", action="store_true",
+                   help="Write the gate's rows into the model card of each prior it measured.")
     p.set_defaults(handler=handle)
+
+
+GATE = {"inversesr-decoder": ["slice-removal-4mm", "slice-removal-8mm"],
+        "inversesr-ldm": ["slice-removal-4mm", "slice-removal-8mm"],
+        "paired-ddpm": ["slice-removal-4mm", "slice-removal-8mm"],
+        "kspace-vdm": ["kspace-4x"]}
+GATE_TARGET_DB = 1.0  # at 8 mm (4x for k-space), masked PSNR over the baseline
 
 
 def handle(args):
@@ -31,8 +44,9 @@ def handle(args):
     dev = str(resolve_device(args.device))
     if args.profile:
         return _profile(args, dev)
-    degs = args.degradations or (["slice-removal-4mm", "slice-removal-8mm", "kspace-4x"] if args.quick
+    degs = args.degradations or (["slice-removal-4mm", "slice-removal-8mm", "kspace-4x"] if args.quick or args.gate
                                  else sorted(DEGRADATIONS))
+    methods = args.methods or (sorted(GATE) if args.gate else None)
     cs = cases.resolve_cases(args.cases, quick=args.quick, synthetic=args.synthetic)
     if not cs:
         raise InputError("No benchmark cases.", "Give --cases mni152, synthetic or a folder of HR volumes.")
@@ -45,13 +59,17 @@ def handle(args):
         return default_prior(method.needs_prior, resolve_device(dev))
 
     t0 = time.time()
-    rows, figures = runner.run(cs, degs, args.methods, dev, args.quick,
-                               log=lambda m: sys.stderr.write(m + "\n"), load_prior=load_prior)
+    rows, figures = runner.run(cs, degs, methods, dev, args.quick,
+                               log=lambda m: sys.stderr.write(m + "\n"), load_prior=load_prior,
+                               only=GATE if args.gate else None)
     meta = {"machine": runner.machine_description(dev), "device": dev, "quick": args.quick,
             "command": "python -m MRISuperResLib " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
             else "python -m MRISuperResLib bench ...", "wall_seconds": round(time.time() - t0, 1),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     paths = report.write_all(args.out, rows, figures, meta)
+    if args.update_cards:
+        for folder in report.update_cards(rows, meta, GATE, GATE_TARGET_DB):
+            sys.stderr.write("quality gate written into %s\n" % folder)
     print(report.markdown_table([r.to_json() for r in rows]))
     print("wrote %s, %s, %s and %d figures in %s (%.0f s)" % (paths["json"], paths["csv"], paths["md"],
                                                              len([k for k in paths if k.startswith("figure")]) + 1,

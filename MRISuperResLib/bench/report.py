@@ -60,6 +60,46 @@ def write_all(out_dir, rows, figures, meta) -> dict:
     return paths
 
 
+def gate_summary(rows, gate, target_db) -> dict:
+    """prior -> the gate's rows for the methods that used it, each with its baseline's figures beside it."""
+    data = [r.to_json() if hasattr(r, "to_json") else r for r in rows]
+    out = {}
+    for r in data:
+        if not r.get("prior") or r["method"] not in gate or r["degradation"] not in gate[r["method"]]:
+            continue
+        base = next((b for b in data if b["method"] == r["baseline"] and b["case"] == r["case"]
+                     and b["degradation"] == r["degradation"]), None)
+        hard = r["degradation"] == gate[r["method"]][-1]  # 8 mm, or 4x for k-space: where the target applies
+        out.setdefault(r["prior"], []).append({
+            "method": r["method"], "case": r["case"], "label": r["label"], "degradation": r["degradation"],
+            "psnr_masked": r["psnr_masked"], "ssim": r["ssim"], "seconds": r["seconds"],
+            "baseline": r["baseline"], "baseline_psnr_masked": base and base["psnr_masked"],
+            "baseline_ssim": base and base["ssim"], "delta_psnr_masked_db": r["delta_psnr_masked_db"],
+            "target_db": target_db if hard else None,
+            "meets_target": (None if not hard or r["delta_psnr_masked_db"] is None
+                             else bool(r["delta_psnr_masked_db"] >= target_db)), "error": r["error"]})
+    return out
+
+
+def update_cards(rows, meta, gate, target_db):
+    """Write the gate into each measured prior's model.json (the weights and their checksums are untouched)."""
+    from ..priors.store import find_prior
+    from ..training.trainer import atomic_write_text
+
+    done = []
+    for prior, items in gate_summary(rows, gate, target_db).items():
+        folder = find_prior(prior)
+        path = os.path.join(folder, "model.json")
+        with open(path) as fh:
+            card = json.load(fh)
+        card["quality_gate"] = {"command": meta["command"], "machine": meta["machine"], "date": meta["date"],
+                                "target": "masked PSNR >= baseline + %g dB at 8 mm slice removal (4x k-space)"
+                                          % target_db, "rows": items}
+        atomic_write_text(path, json.dumps(card, indent=1) + "\n")
+        done.append(folder)
+    return done
+
+
 def psnr_plot(path, data):
     import matplotlib
 

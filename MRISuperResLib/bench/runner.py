@@ -44,6 +44,7 @@ class Row:
     delta_psnr_masked_db: Optional[float] = None
     time_ratio: Optional[float] = None
     settings: Dict = field(default_factory=dict)
+    prior: Optional[str] = None
     error: Optional[str] = None
 
     def to_json(self):
@@ -101,8 +102,11 @@ def _views(arr: np.ndarray):
 
 
 def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]], device: str = "auto",
-        quick: bool = False, log=print, load_prior=None):
-    """Returns (rows, figures) where figures[case][degradation] = {"truth", "lr", <method>: 3 views}."""
+        quick: bool = False, log=print, load_prior=None, only: Optional[Dict[str, List[str]]] = None):
+    """Returns (rows, figures) where figures[case][degradation] = {"truth", "lr", <method>: 3 views}.
+
+    only: method -> the degradations it runs on (others: every degradation that suits it); baselines run on all.
+    """
     names = methods or [m.name for m in available()]
     for n in names:
         get_method(n)
@@ -127,7 +131,7 @@ def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]]
             figures[case.name][deg] = fig
             for name in names:
                 m = get_method(name)
-                if kind not in m.operators:
+                if kind not in m.operators or (only and name in only and deg not in only[name]):
                     continue
                 settings = quick_settings(m) if quick else {}
                 row = Row(name, case.name, case.label, deg, device=device, settings=settings)
@@ -146,6 +150,7 @@ def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]]
                     if torch.cuda.is_available():
                         row.peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                     row.device = out.info.get("device", device)
+                    row.prior = out.info.get("prior")
                     x = out.volume.array
                     row.psnr = psnr(hr.array, x, dr)
                     row.psnr_masked = psnr(hr.array, x, dr, mask)

@@ -51,3 +51,28 @@ def test_synthetic_cases_are_held_out_heads_on_the_prior_grid():
     vol = cases[0].load()
     assert vol.grid.shape == (160, 224, 160) and vol.grid.spacing == (1.0, 1.0, 1.0)
     assert 0.0 <= vol.array.min() and vol.array.max() <= 1.0 and vol.array.std() > 0.05
+
+
+def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case():
+    from MRISuperResLib.bench.cli import GATE
+    from MRISuperResLib.bench.report import gate_summary
+
+    def row(method, deg, psnr, prior=None, baseline="bspline"):
+        return {"method": method, "case": "c", "label": "held-out synthetic", "degradation": deg, "psnr_masked": psnr,
+                "ssim": 0.9, "seconds": 1.0, "baseline": baseline, "prior": prior, "error": None,
+                "delta_psnr_masked_db": None}
+
+    rows = [row("bspline", "slice-removal-4mm", 28.0), row("bspline", "slice-removal-8mm", 22.0),
+            row("paired-ddpm", "slice-removal-4mm", 27.0, "p"), row("paired-ddpm", "slice-removal-8mm", 23.5, "p"),
+            row("sinc", "kspace-4x", 30.0, baseline="sinc"), row("kspace-vdm", "kspace-4x", 30.5, "v", "sinc"),
+            row("paired-ddpm", "kspace-4x", 31.0, "p", "sinc")]
+    for r in rows:
+        base = next(b for b in rows if b["method"] == r["baseline"] and b["degradation"] == r["degradation"])
+        r["delta_psnr_masked_db"] = r["psnr_masked"] - base["psnr_masked"]
+    out = gate_summary(rows, GATE, 1.0)
+    assert sorted(out) == ["p", "v"]
+    p = {r["degradation"]: r for r in out["p"]}
+    assert sorted(p) == ["slice-removal-4mm", "slice-removal-8mm"]  # k-space is not paired-ddpm's gate
+    assert p["slice-removal-4mm"]["meets_target"] is None and p["slice-removal-8mm"]["meets_target"] is True
+    assert p["slice-removal-8mm"]["baseline_psnr_masked"] == 22.0
+    assert out["v"][0]["meets_target"] is False  # +0.5 dB < 1 dB

@@ -70,14 +70,17 @@ def renderPanel(outPath=None, width=420):
 
     methods = camelKeys(_libraryMethods())
     shown = next((m for m in methods if m.get("needsPrior") and m.get("settings")), methods[0])
+    # What the panel would list on this machine: the library's own device and model lists, nothing invented.
+    from MRISuperResLib.devices import list_devices
+    from MRISuperResLib.priors.store import list_models
+
+    devices = camelKeys(list_devices())
+    kind = shown.get("needsPrior")
+    models = [m for m in camelKeys(list_models()) if m.get("kind") == kind]
     state = presenter.PanelState(
         inputVolume=presenter.VolumeInfo("vtkMRMLScalarVolumeNode1", "T1_thick", (1.0, 1.0, 4.0), (160, 224, 40)),
-        methods=methods, method=shown["name"],
-        models=[{"name": "brain_ldm", "kind": shown.get("needsPrior"), "title": "Brain LDM (UK Biobank)",
-                 "status": "installed", "source": "user"}],
-        devices=[{"name": "cpu", "title": "CPU (16 threads)"},
-                 {"name": "cuda:0", "title": "NVIDIA H100", "freeMb": 79000, "totalMb": 81559}],
-        device="cuda:0", wantResidual=True)
+        methods=methods, method=shown["name"], models=models, devices=devices,
+        device=devices[-1]["name"], wantResidual=True)
     view = presenter.present(state)
 
     def fill(combo, items, current):
@@ -156,7 +159,9 @@ def test_ui_loads_in_qt_with_every_widget_the_module_touches(tmp_path):
         assert name in ui, name
         qtClass = getattr(QtWidgets, STAND_INS.get(cls, cls))
         assert isinstance(ui[name], qtClass), (name, type(ui[name]).__name__)
-    assert view.applyEnabled and ui["applyButton"].isEnabled()
+    # Apply follows the real model store: enabled with a prior installed, else disabled with the reason shown.
+    assert ui["applyButton"].isEnabled() == view.applyEnabled
+    assert view.applyEnabled or any("prior" in p.lower() or "model" in p.lower() for p in view.problems), view.problems
     assert os.path.getsize(tmp_path / "panel.png") > 5000
 
 
