@@ -31,6 +31,10 @@ from ..priors.ddim import NoiseSchedule, ddim_timesteps
 CONDITION_NAMES = ("slice-removal", "thick-slice-gaussian", "thick-slice-box", "downsample", "kspace",
                    "log_factor_i", "log_factor_j", "log_factor_k")
 DEFAULT_SCHEDULE = {"type": "cosine", "num_train_timesteps": 1000, "prediction": "epsilon"}
+# "sample" (x0) prediction: with few sampling steps (the CPU budget) the first step's x0 estimate is the network's
+# regression of the residual itself, not (z - sqrt(1 - ab) eps) / sqrt(ab), which multiplies eps errors by ~30
+# at the chain's start. Epsilon stays readable for priors trained that way.
+PREDICTIONS = ("epsilon", "sample")
 
 
 def cosine_alpha_bar(num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -97,7 +101,11 @@ class PairedModel:
     """A paired conditional DDPM: 3D MONAI UNet on patches of [z_t, up, cond channels]. No run state."""
 
     def __init__(self, unet: nn.Module, patch: Sequence[int], residual_scale: float = 1.0,
-                 alpha_bar: torch.Tensor = None):
+                 alpha_bar: torch.Tensor = None, prediction: str = "epsilon"):
+        if prediction not in PREDICTIONS:
+            raise InputError("The paired model predicts %r; known: %s." % (prediction, ", ".join(PREDICTIONS)),
+                             "Fix 'schedule.prediction' in the model card.")
+        self.prediction = prediction
         self.unet = unet
         self.patch = tuple(int(p) for p in patch)
         self.residual_scale = float(residual_scale)
@@ -119,11 +127,12 @@ class PairedModel:
                              % card.get("name"), "Choose a paired prior, e.g. one made by `train paired`.")
         sched = dict(DEFAULT_SCHEDULE)
         sched.update(card.get("schedule") or {})
-        if sched.get("type") != "cosine" or sched.get("prediction", "epsilon") != "epsilon":
-            raise InputError("Prior '%s' uses schedule %s; paired-ddpm needs a cosine, epsilon-predicting model."
-                             % (card.get("name"), sched.get("type")), "Choose a prior made by `train paired`.")
+        if sched.get("type") != "cosine" or sched.get("prediction", "epsilon") not in PREDICTIONS:
+            raise InputError("Prior '%s' uses schedule %s (prediction %s); paired-ddpm needs a cosine schedule "
+                             "predicting %s." % (card.get("name"), sched.get("type"), sched.get("prediction"),
+                                                 " or ".join(PREDICTIONS)), "Choose a prior made by `train paired`.")
         return cls(unet, extra["patch"], extra.get("residual_scale", 1.0),
-                   cosine_alpha_bar(sched.get("num_train_timesteps", 1000)))
+                   cosine_alpha_bar(sched.get("num_train_timesteps", 1000)), sched.get("prediction", "epsilon"))
 
     @property
     def clip(self) -> float:
@@ -132,16 +141,26 @@ class PairedModel:
         let early, noise-dominated estimates through."""
         return min(X0_CLIP_STD, 2.0 / self.residual_scale)
 
-    def eps(self, z: torch.Tensor, up: torch.Tensor, cond: torch.Tensor, t) -> torch.Tensor:
-        """eps_theta for z, up (B, 1, *patch) and cond (B, len(CONDITION_NAMES)) at integer timestep(s) t."""
+    def raw(self, z: torch.Tensor, up: torch.Tensor, cond: torch.Tensor, t) -> torch.Tensor:
+        """The network's own output (eps or x0, per `prediction`) for z, up (B, 1, *patch), cond (B, n), t."""
         chans = cond.to(z)[:, :, None, None, None].expand(-1, -1, *z.shape[2:])
         t = torch.as_tensor(t, device=z.device).expand(z.shape[0])
         return self.unet(torch.cat([z, up, chans], 1), timesteps=t)
 
+    def eps(self, z: torch.Tensor, up: torch.Tensor, cond: torch.Tensor, t) -> torch.Tensor:
+        """eps_theta for z, up (B, 1, *patch) and cond (B, len(CONDITION_NAMES)) at integer timestep(s) t."""
+        out = self.raw(z, up, cond, t)
+        if self.prediction == "epsilon":
+            return out
+        ab = self.alpha_bar.to(z.device, z.dtype)[torch.as_tensor(t, device=z.device).long()]
+        ab = ab.reshape(-1, *([1] * (z.ndim - 1))) if ab.ndim else ab
+        return (z - ab.sqrt() * out) / (1 - ab).sqrt()
+
 
 def paired_loss(model: PairedModel, hr: torch.Tensor, up: torch.Tensor, cond: torch.Tensor,
                 generator: torch.Generator):
-    """Epsilon MSE for HR patches hr and their upsampled inputs up (B, 1, *patch), both in [-1, 1]."""
+    """MSE of the network's target (eps, or x0 for sample prediction) for HR patches hr and their upsampled
+    inputs up (B, 1, *patch), both in [-1, 1]."""
     b, dev = hr.shape[0], hr.device
     ab = model.alpha_bar.to(dev, torch.float32)
     t = torch.randint(0, ab.numel(), (b,), generator=generator).to(dev)
@@ -149,8 +168,10 @@ def paired_loss(model: PairedModel, hr: torch.Tensor, up: torch.Tensor, cond: to
     x0 = (hr - up) / model.residual_scale
     a = ab[t].view(-1, *([1] * (hr.ndim - 1)))
     z = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    mse = torch.mean((model.eps(z, up, cond, t) - eps) ** 2)
-    return mse, {"eps_mse": float(mse.detach()), "t_mean": float(t.float().mean())}
+    target = eps if model.prediction == "epsilon" else x0
+    mse = torch.mean((model.raw(z, up, cond, t) - target) ** 2)
+    return mse, {"%s_mse" % ("eps" if model.prediction == "epsilon" else "x0"): float(mse.detach()),
+                 "t_mean": float(t.float().mean())}
 
 
 def default_unet(channels=(16, 32, 64)) -> dict:

@@ -48,6 +48,26 @@ def _trained_for(prior, physics) -> bool:
     return not ops or any(o.get("operator") == physics.spec.kind for o in ops)
 
 
+def _swap(a: int, b: int):
+    order = [0, 1, 2]
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+def _turn_to_trained_axis(prior, physics):
+    """The degraded axis to swap with k when the prior only learnt through-plane (k) degradations, else None.
+
+    A patch network is local, so slices along i or j look to it like slices along k in another orientation;
+    swapping the two axes inside each patch (exact, no resampling) keeps the input in its training distribution.
+    """
+    ops = ((prior.card.get("paired") or {}).get("operators")) or []
+    trained = {a for o in ops for a in o.get("axes", [])}
+    axes = list(physics.axes)
+    if trained != {2} or len(axes) != 1 or axes[0] == 2:
+        return None
+    return int(axes[0])
+
+
 @register("paired-ddpm", "Paired conditional DDPM",
           "Conditional diffusion model trained on LR/HR pairs of the run's degradation, sampled with DDIM over "
           "overlapping 3D patches.", settings=SETTINGS, generative=True, needs_prior="paired")
@@ -63,7 +83,11 @@ def solve(y, physics, prior, settings, progress, generator):
     dev, dtype = y.device, torch.float32
     net_dev = next(model.unet.parameters()).device
     pairs = sampling_pairs(steps, model.alpha_bar)
-    cond = condition_of(physics).to(net_dev)
+    turn = _turn_to_trained_axis(prior, physics)
+    cond = condition_of(physics)
+    if turn is not None:
+        cond = torch.cat([cond[:-3], cond[-3:][list(_swap(turn, 2))]])
+    cond = cond.to(net_dev)
     hr = (n_samples, 1) + tuple(physics.hr_shape)
 
     def randn(shape):
@@ -85,7 +109,10 @@ def solve(y, physics, prior, settings, progress, generator):
                 skipped[1] += chunk.shape[0]
                 if bool(busy.any()):
                     part = chunk[busy].to(net_dev)
-                    eps[busy] = model.eps(part[:, :1], part[:, 1:2], cond.expand(part.shape[0], -1), t).to(dev, dtype)
+                    if turn is not None:
+                        part = part.transpose(2 + turn, 4)
+                    e = model.eps(part[:, :1], part[:, 1:2], cond.expand(part.shape[0], -1), t)
+                    eps[busy] = (e.transpose(2 + turn, 4) if turn is not None else e).to(dev, dtype)
                 return eps
 
             eps_hat = sliding_window(eps_fn, torch.cat([z, up], 1), patch, float(settings["overlap"]),
@@ -100,6 +127,6 @@ def solve(y, physics, prior, settings, progress, generator):
         extras = {}
         if n_samples > 1:
             extras["uncertainty"] = out.std(0)
-    info = {"samples": n_samples, "patch": list(patch), "intensity_scale": [scale.lo, scale.hi],
+    info = {"samples": n_samples, "patch": list(patch), "axis_turned_to_k": turn, "intensity_scale": [scale.lo, scale.hi],
             "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4)}
     return SolveResult(out.mean(0), extras, info)

@@ -24,7 +24,7 @@ import torch
 from ..errors import InputError
 
 SCHEDULES = ("scaled_linear_beta", "linear_beta", "cosine")
-PREDICTIONS = ("epsilon",)
+PREDICTIONS = ("epsilon", "sample")  # the LDM chain here needs epsilon (inversion.check_prior); paired may use x0
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class NoiseSchedule:
                              "Use one of: %s." % ", ".join(SCHEDULES))
         if self.prediction not in PREDICTIONS:
             raise InputError("Prediction type '%s' is not supported." % self.prediction,
-                             "Priors must predict the noise ('epsilon').")
+                             "Use one of: %s." % ", ".join(PREDICTIONS))
         if int(self.num_train_timesteps) < 2:
             raise InputError("num_train_timesteps must be at least 2.", "Fix the model card's schedule.")
 

@@ -35,6 +35,9 @@ def check_prior(prior, method: str):
         raise InputError("Method %s needs a latent diffusion ('ldm') prior; '%s' is a %s prior."
                          % (method, getattr(prior, "name", prior), getattr(prior, "kind", "unknown")),
                          "Choose an ldm prior (see `models list`).")
+    if method == "inversesr-ldm" and prior.schedule.prediction != "epsilon":
+        raise InputError("Prior '%s' predicts '%s'; the InverseSR DDIM chain needs a noise ('epsilon') predictor."
+                         % (prior.name, prior.schedule.prediction), "Use an ldm prior trained with epsilon prediction.")
     if method == "inversesr-ldm" and prior.unet is None:
         raise InputError("Prior '%s' has no diffusion UNet, which inversesr-ldm needs." % prior.name,
                          "Use inversesr-decoder, or an ldm prior with a UNet.")

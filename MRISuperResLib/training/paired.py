@@ -6,7 +6,8 @@ Per step:
        to the block; up = cubic B-spline of y on the block; crop the central patch of both
        (the margin keeps the pair's borders like the inside of a whole volume, as at inference)
     3. hr, up -> [-1, 1]; x0 = (hr - up) / residual_scale, residual_scale = the residual's std, measured once
-    4. loss = || eps - UNet([z_t, up, cond], t) ||^2 with the cosine schedule (diffusion/cosine.py)
+    4. loss = || x0 - UNet([z_t, up, cond], t) ||^2 with the cosine schedule (x0 = "sample" prediction; runs
+       made with eps prediction keep it; diffusion/cosine.py)
 """
 
 import warnings
@@ -20,10 +21,9 @@ from ..physics import spec_from_dict
 from .autoencoder import draw_train_seeds, synth_from_options
 
 DEFAULT_OPERATORS = [
-    {"operator": "thick-slice", "axes": [2], "factors": [4.0], "profile": "gaussian"},
-    {"operator": "slice-removal", "axes": [2], "factors": [4.0]},
-    {"operator": "kspace", "axes": [0, 1], "factors": [2.0, 2.0]},
-]
+    {"operator": kind, "axes": [2], "factors": [float(f)], **({"profile": "gaussian"} if kind == "thick-slice" else {})}
+    for kind in ("slice-removal", "thick-slice") for f in (2, 3, 4, 5, 6, 8)
+]  # through-plane (k; paired-ddpm turns other thick axes to k at inference), factors 2 to 8
 
 
 class PairedTask:
@@ -55,7 +55,7 @@ class PairedTask:
                         pool=0) -> dict:
         return {"network": dict(network or cosine.default_unet()), "patch": list(patch), "margin": int(margin),
                 "operators": [dict(o) for o in (operators or DEFAULT_OPERATORS)],
-                "schedule": dict(cosine.DEFAULT_SCHEDULE),
+                "schedule": dict(cosine.DEFAULT_SCHEDULE, prediction="sample"),
                 "synth": dict(synth or {"shape": [160, 224, 160], "orientation": "LAS", "downsample": 1, "head": True}),
                 "batch_size": int(batch_size), "pool": int(pool)}
 
@@ -101,8 +101,9 @@ class PairedTask:
         return self.residual_scale
 
     def model(self) -> cosine.PairedModel:
+        sched = self.options["schedule"]
         return cosine.PairedModel(self.unet, self.options["patch"], self._scale(),
-                                  cosine.cosine_alpha_bar(self.options["schedule"]["num_train_timesteps"]))
+                                  cosine.cosine_alpha_bar(sched["num_train_timesteps"]), sched.get("prediction", "epsilon"))
 
     def loss(self, step: int, generator: torch.Generator):
         o = self.options
@@ -111,7 +112,7 @@ class PairedTask:
 
     @torch.no_grad()
     def evaluate(self, seeds) -> dict:
-        """Epsilon MSE on held-out pairs with fixed draws (1.0 = predicting zero)."""
+        """Target MSE on held-out pairs with fixed draws (1.0 = predicting zero, for eps and for the unit-variance x0)."""
         self.unet.eval()
         model, total = self.model(), 0.0
         for s in seeds:
@@ -119,7 +120,8 @@ class PairedTask:
             hr, up, cond = self.pairs([s] * 2, gen)
             total += float(cosine.paired_loss(model, hr, up, cond, gen)[0])
         self.unet.train()
-        return {"heldout_eps_mse": total / max(len(seeds), 1), "heldout_count": len(seeds)}
+        key = "heldout_eps_mse" if model.prediction == "epsilon" else "heldout_x0_mse"
+        return {key: total / max(len(seeds), 1), "heldout_count": len(seeds)}
 
     def networks(self) -> dict:
         return {"unet": ("DiffusionModelUNet", self.unet, self.options["network"])}
@@ -139,7 +141,7 @@ def add_arguments(p):
     p.add_argument("--margin", type=int, default=None, help="Context rendered around each patch (default 8).")
     p.add_argument("--operators", default=None,
                    help='JSON list of degradations to train on, e.g. \'[{"operator": "thick-slice", "axes": [2], '
-                        '"factors": [4]}]\' (default: 4 mm thick slices, 1-in-4 slice removal, 2x2 k-space).')
+                        '"factors": [4]}]\' (default: slice removal and Gaussian thick slices along k, factors 2-8).')
     p.add_argument("--channels", type=int, nargs="+", default=None, help="3D UNet channels (default 16 32 64).")
     p.add_argument("--norm-groups", type=int, default=None)
 

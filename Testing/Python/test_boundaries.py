@@ -1,5 +1,6 @@
 """Package boundaries and packaging: the library never imports slicer/qt/vtk; a wheel install works."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,4 +54,11 @@ def test_non_editable_install_runs_from_elsewhere(tmp_path):
     models = os.path.join(ROOT, "Resources", "Models")
     for name in (os.listdir(models) if os.path.isdir(models) else []):
         if os.path.exists(os.path.join(models, name, "model.json")):
-            assert (target / "MRISuperResLib" / "_models" / name / "model.json").exists(), name
+            installed = target / "MRISuperResLib" / "_models" / name
+            assert (installed / "model.json").exists(), name
+            with open(os.path.join(models, name, "model.json")) as fh:
+                card = json.load(fh)
+            files = [n["weights"] for n in card["networks"].values()]
+            files += list((card.get("reference") or {}).get("sha256", {}))
+            for f in files:  # every file the card names ships in the wheel (package-data patterns)
+                assert (installed / f).exists(), (name, f)

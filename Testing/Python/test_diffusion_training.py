@@ -70,3 +70,58 @@ def test_paired_task_trains_exports_and_samples(tmp_path):
     out = super_resolve(lr, "paired-ddpm", OperatorSpec.make("slice-removal", 2, 2.0), {"steps": 2}, prior,
                         device="cpu")
     assert out.volume.grid.shape == (8, 8, 10) and np.isfinite(out.volume.array).all()
+
+
+def test_sample_prediction_converts_to_the_true_noise():
+    """A perfect x0 ("sample") predictor yields the exact eps the DDIM step needs."""
+    from MRISuperResLib.diffusion.cosine import PairedModel, cosine_alpha_bar
+
+    x0 = torch.randn(2, 1, 4, 4, 4, dtype=torch.float64)
+    eps = torch.randn(2, 1, 4, 4, 4, dtype=torch.float64)
+    ab = cosine_alpha_bar(1000)
+    t = torch.tensor([10, 900])
+    z = ab[t].sqrt().view(-1, 1, 1, 1, 1) * x0 + (1 - ab[t]).sqrt().view(-1, 1, 1, 1, 1) * eps
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, timesteps):
+            return x0
+
+    model = PairedModel(Oracle(), (4, 4, 4), 1.0, ab, prediction="sample")
+    torch.testing.assert_close(model.eps(z, z, torch.zeros(2, 8, dtype=torch.float64), t), eps)
+
+
+def test_paired_prior_trained_through_plane_sees_other_thick_axes_as_k(tmp_path):
+    from MRISuperResLib.diffusion.cosine import CONDITION_NAMES, default_unet
+    from MRISuperResLib.training.paired import PairedTask
+
+    ops = [{"operator": "slice-removal", "axes": [2], "factors": [2.0]}]
+    opts = PairedTask.default_options(synth=SYNTH, network=default_unet((8, 16)), patch=(8, 8, 8), margin=4,
+                                      operators=ops, batch_size=1)
+    torch.manual_seed(0)
+    task = PairedTask(opts, "cpu")
+    task._scale()
+    export_prior(task, str(tmp_path / "prior"), "test-paired-k")
+    prior = load_prior(str(tmp_path / "prior"), "cpu", kind="paired")
+    seen = []
+    unet = prior.networks["unet"]
+
+    class Spy(torch.nn.Module):  # records what the real network is given
+        def __init__(self):
+            super().__init__()
+            self.inner = unet
+
+        def forward(self, x, timesteps):
+            seen.append(x.detach().clone())
+            return self.inner(x, timesteps=timesteps)
+
+    prior.networks["unet"] = Spy()
+    rng = np.random.default_rng(0)
+    vol = rng.random((12, 10, 8)).astype(np.float32)
+    lr = Volume.from_array(vol[::3])  # thick axis i, factor 3
+    out = super_resolve(lr, "paired-ddpm", OperatorSpec.make("slice-removal", 0, 3.0), {"steps": 1}, prior,
+                        device="cpu")
+    assert out.info["axis_turned_to_k"] == 0 and out.volume.grid.shape == (12, 10, 8)
+    k = 2 + CONDITION_NAMES.index("log_factor_k")
+    i = 2 + CONDITION_NAMES.index("log_factor_i")
+    assert seen and all(torch.allclose(x[:, k], torch.tensor(np.log(3.0), dtype=x.dtype)) for x in seen)
+    assert all(float(x[:, i].abs().max()) == 0.0 for x in seen)
