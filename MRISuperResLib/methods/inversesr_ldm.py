@@ -2,7 +2,8 @@
 the deterministic DDIM chain and the decoder.
 
 Suited to high sparsity (e.g. 8 mm slices). Notation and steps: see priors/inversion.py and priors/ddim.py.
-1. z_T ~ N(0, I); c = the card's default conditioning (0.5 each for the published prior)
+1. z_T ~ N(0, I) (or, with init=invert, the DDIM inversion of the encoded interpolated input); c = the card's
+   default conditioning (0.5 each for the published prior)
 2. Adam on (z_T, c) for `iterations` steps: loss = mean |A D(DDIM(z_T, c)) - y| (+ optional perceptual term);
    c is clamped to [0, 1] after each step; every DDIM step and decoder block is checkpointed
 3. x = D(DDIM(z_T, c)), optionally with the observed data pasted back
@@ -17,6 +18,9 @@ SETTINGS = inversion.common_settings(iterations=200, lr=0.07) + [
     Setting("ddim_steps", "int", 46, "Steps of the deterministic DDIM chain (46: the paper's 991, 969, ..., 1).",
             min=1, max=1000),
     Setting("optimise_conditioning", "bool", True, "Also fit the prior's conditioning values (e.g. age, sex)."),
+    Setting("init", "choice", "random", "Starting noise: 'random' (the paper) or 'invert' (encode the interpolated "
+            "input and run the DDIM chain backwards: starts near the input, so far fewer iterations are needed).",
+            choices=("random", "invert")),
 ]
 
 

@@ -115,5 +115,14 @@ class LatentGenerator:
             z = self._maybe_checkpoint(step, z, cond)
         return z
 
+    @torch.no_grad()
+    def invert(self, z_0: torch.Tensor, cond: Optional[torch.Tensor], timesteps: Sequence[int]) -> torch.Tensor:
+        """z_T whose chain `timesteps` comes back to about z_0: the DDIM update run upwards (deterministic DDIM
+        inversion, Song et al. 2021 sec. 4.3), with eps evaluated at the current, less noisy point."""
+        z = z_0
+        for t, ab_t, ab_prev in reversed(self.timesteps_pairs(timesteps)):
+            z = ddim_step(z, self.eps(z, t, cond), ab_prev, ab_t)
+        return z
+
     def __call__(self, z_T: torch.Tensor, cond: Optional[torch.Tensor], timesteps: Sequence[int]) -> torch.Tensor:
         return self.decode(self.ddim(z_T, cond, timesteps))

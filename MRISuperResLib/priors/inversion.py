@@ -106,13 +106,18 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
         def synth():
             return gen.decode(z)
     else:
-        z = torch.randn(shape, generator=generator).to(dev).requires_grad_(True)
         cond = None if gen.cond_default is None else gen.cond_default.to(dev).clone()
+        timesteps = ddim_timesteps(settings["ddim_steps"], prior.schedule.num_train_timesteps)
+        if settings.get("init", "random") == "invert":
+            with torch.no_grad():
+                z = gen.invert(gen.encode(crop.to_prior(fill, background)[None, None]), cond, timesteps)
+        else:
+            z = torch.randn(shape, generator=generator).to(dev)
+        z = z.detach().requires_grad_(True)
         variables = [z]
         if cond is not None and settings.get("optimise_conditioning", True):
             cond.requires_grad_(True)
             variables.append(cond)
-        timesteps = ddim_timesteps(settings["ddim_steps"], prior.schedule.num_train_timesteps)
 
         def synth():
             return gen(z, cond, timesteps)
