@@ -79,24 +79,35 @@ class AutoencoderTask:
             raise InputError("Patch/grid size %s is not a multiple of the autoencoder's factor %d." % (tuple(check), f),
                              "Use sizes divisible by %d (for example --patch %d %d %d)." % (f, 8 * f, 8 * f, 8 * f))
         self.ae = build_autoencoder(options["network"]).to(self.device)
+        self.deterministic = not options.get("sample_posterior", True)
         with torch.no_grad():
             # A fresh encoder's posterior std starts near 1, which drowns its still tiny means and stalls the
             # first thousand steps; start it small (a resumed run loads its own value over this).
             self.ae.quant_conv_log_sigma.conv.bias.fill_(LOG_VAR_INIT)
+            if self.deterministic:
+                # Adam moves every weight at about the learning rate whatever its gradient's size, so even a 1e-6
+                # KL pulls the posterior std to ~0.5 within a few hundred steps and the noise then swamps the
+                # means. The methods use the mean latent only: fix the std at ~0 (exp(-15)) and train on mu.
+                self.ae.quant_conv_log_sigma.conv.weight.zero_()
+                self.ae.quant_conv_log_sigma.conv.bias.fill_(-30.0)
+        if self.deterministic:
+            for prm in self.ae.quant_conv_log_sigma.parameters():
+                prm.requires_grad_(False)
 
     @staticmethod
     def default_options(network=None, synth=None, patch=(64, 64, 64), batch_size=1, kl_weight=1e-6,
-                        edge_weight=0.5, pool=0) -> dict:
+                        edge_weight=0.5, pool=0, sample_posterior=False) -> dict:
         return {"network": dict(network or DEFAULT_AE),
                 "synth": dict(synth or {"shape": [160, 224, 160], "orientation": "LAS", "downsample": 1, "head": True}),
                 "patch": list(patch) if patch else None, "batch_size": int(batch_size),
-                "kl_weight": float(kl_weight), "edge_weight": float(edge_weight), "pool": int(pool)}
+                "kl_weight": float(kl_weight), "edge_weight": float(edge_weight), "pool": int(pool),
+                "sample_posterior": bool(sample_posterior)}
 
     def modules(self) -> Dict[str, torch.nn.Module]:
         return {"autoencoder": self.ae}
 
     def parameters(self):
-        return self.ae.parameters()
+        return [p for p in self.ae.parameters() if p.requires_grad]
 
     def state(self) -> dict:
         return {}
@@ -112,9 +123,14 @@ class AutoencoderTask:
     def loss(self, step: int, generator: torch.Generator):
         o = self.options
         x = self.batch(draw_train_seeds(generator, o["batch_size"], o.get("pool", 0)))
-        recon, mu, sigma = self.ae(x)
+        if self.deterministic:
+            mu, _ = self.ae.encode(x)
+            recon = self.ae.decode(mu)
+            kl = kl_divergence(mu, torch.ones_like(mu))  # only its mean part: keeps the latents near unit scale
+        else:
+            recon, mu, sigma = self.ae(x)
+            kl = kl_divergence(mu, sigma)
         l1 = (recon - x).abs().mean()
-        kl = kl_divergence(mu, sigma)
         loss = l1 + o["kl_weight"] * kl
         parts = {"l1": float(l1.detach()), "kl": float(kl.detach())}
         if o.get("edge_weight"):

@@ -237,3 +237,18 @@ def test_cli_plugin_tasks_train_and_resume(tmp_path, task, extra):
     assert main(args) == 0 and load_checkpoint(folder)["step"] == 1
     assert main(["train", task, "--run-dir", folder, "--resume", "--device", "cpu"]) == 0
     assert load_checkpoint(folder)["step"] == 2
+
+
+def test_new_autoencoders_train_on_the_posterior_mean():
+    """The default (deterministic) autoencoder keeps a ~0 posterior std through training; sampled runs still learn it."""
+    task = ae_task()
+    before = task.ae.quant_conv_log_sigma.conv.bias.detach().clone()
+    assert all(p.requires_grad is False for p in task.ae.quant_conv_log_sigma.parameters())
+    assert not any(p is task.ae.quant_conv_log_sigma.conv.bias for p in task.parameters())
+    loss, parts = task.loss(0, torch.Generator().manual_seed(0))
+    loss.backward()
+    x = task.batch([1])
+    _, sigma = task.ae.encode(x)
+    assert float(sigma.max()) < 1e-5 and torch.equal(task.ae.quant_conv_log_sigma.conv.bias, before)
+    sampled = ae_task(sample_posterior=True)
+    assert any(p is sampled.ae.quant_conv_log_sigma.conv.bias for p in sampled.parameters())
