@@ -92,9 +92,17 @@ def update_cards(rows, meta, gate, target_db):
         path = os.path.join(folder, "model.json")
         with open(path) as fh:
             card = json.load(fh)
-        card["quality_gate"] = {"command": meta["command"], "machine": meta["machine"], "date": meta["date"],
-                                "target": "masked PSNR >= baseline + %g dB at 8 mm slice removal (4x k-space)"
-                                          % target_db, "rows": items}
+        # Gate runs add up (e.g. one per case): a row replaces the earlier one of the same method, case and
+        # degradation, and each row names the run it came from.
+        old = card.get("quality_gate") or {}
+        run = {"command": meta["command"], "machine": meta["machine"], "date": meta["date"]}
+        runs = [r for r in old.get("runs", []) if r != run] + [run]
+        for item in items:
+            item["run"] = len(runs) - 1
+        fresh = {(i["method"], i["case"], i["degradation"]) for i in items}
+        kept = [i for i in old.get("rows", []) if (i["method"], i["case"], i["degradation"]) not in fresh]
+        card["quality_gate"] = {"target": "masked PSNR >= baseline + %g dB at 8 mm slice removal (4x k-space)"
+                                          % target_db, "runs": runs, "rows": kept + items}
         atomic_write_text(path, json.dumps(card, indent=1) + "\n")
         done.append(folder)
     return done

@@ -76,3 +76,34 @@ def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case()
     assert p["slice-removal-4mm"]["meets_target"] is None and p["slice-removal-8mm"]["meets_target"] is True
     assert p["slice-removal-8mm"]["baseline_psnr_masked"] == 22.0
     assert out["v"][0]["meets_target"] is False  # +0.5 dB < 1 dB
+
+
+def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, monkeypatch):
+    import json
+
+    from MRISuperResLib.bench.cli import GATE
+    from MRISuperResLib.bench.report import update_cards
+    from MRISuperResLib.priors import synthetic
+    from MRISuperResLib.priors.store import load_prior
+
+    monkeypatch.setenv("MRISR_MODELS_DIR", str(tmp_path / "store"))
+    folder = synthetic.write_prior(synthetic.random_prior(synthetic.tiny_card(name="gate-ldm")),
+                                   str(tmp_path / "store" / "gate-ldm"))
+
+    def rows(case, psnr):
+        base = {"method": "bspline", "case": case, "label": "x", "degradation": "slice-removal-8mm",
+                "psnr_masked": 20.0, "ssim": 0.8, "seconds": 1.0, "baseline": "bspline", "prior": None,
+                "error": None, "delta_psnr_masked_db": 0.0}
+        return [base, dict(base, method="inversesr-decoder", prior="gate-ldm", psnr_masked=psnr,
+                           delta_psnr_masked_db=psnr - 20.0)]
+
+    meta = {"command": "bench --gate --cases synthetic", "machine": "m", "date": "d1"}
+    assert update_cards(rows("synthetic-1", 22.0), meta, GATE, 1.0) == [folder]
+    update_cards(rows("mni152", 20.5), dict(meta, command="bench --gate --cases mni152", date="d2"), GATE, 1.0)
+    update_cards(rows("mni152", 21.5), dict(meta, command="bench --gate --cases mni152", date="d3"), GATE, 1.0)
+    with open(tmp_path / "store" / "gate-ldm" / "model.json") as fh:
+        gate = json.load(fh)["quality_gate"]
+    got = {(r["case"], r["meets_target"]) for r in gate["rows"]}
+    assert got == {("synthetic-1", True), ("mni152", True)}  # the later mni152 run replaced the earlier row
+    assert len(gate["runs"]) == 3 and gate["rows"][-1]["run"] == 2
+    load_prior("gate-ldm")  # the card still verifies against its weights
