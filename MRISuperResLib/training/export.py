@@ -109,6 +109,8 @@ def export_prior(task, folder, name, title="", description="", training=None, me
         "method_defaults": method_defaults or {},
     }
     card.update(task.card())
+    if method_defaults:  # the command line's settings win over the task's built-in ones, method by method
+        card["method_defaults"] = dict(card.get("method_defaults") or {}, **method_defaults)
     if card.get("kind") == "ldm":
         card["reference"] = write_reference(synth.config, folder)
     if extra:

@@ -63,8 +63,10 @@ def test_paired_task_trains_exports_and_samples(tmp_path):
     assert float((hr - up).abs().mean()) > 0  # the degradation lost something to learn back
     _, res = _train(task, tmp_path / "run", 2)
     assert res.finished and task.residual_scale > 0
-    card = export_prior(task, str(tmp_path / "prior"), "test-paired")
+    card = export_prior(task, str(tmp_path / "prior"), "test-paired",
+                        method_defaults={"paired-ddpm": {"cpu": {"steps": 7}}})
     assert card["paired"]["residual_scale"] == pytest.approx(task.residual_scale)
+    assert card["method_defaults"]["paired-ddpm"] == {"cpu": {"steps": 7}}  # the command line wins
     prior = load_prior(str(tmp_path / "prior"), "cpu", kind="paired")
     lr = Volume.from_array(np.random.default_rng(0).random((8, 8, 5)).astype(np.float32) * 100)
     out = super_resolve(lr, "paired-ddpm", OperatorSpec.make("slice-removal", 2, 2.0), {"steps": 2}, prior,
