@@ -150,7 +150,7 @@ def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]]
                     if torch.cuda.is_available():
                         row.peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                     row.device = out.info.get("device", device)
-                    row.prior = out.info.get("prior")
+                    row.prior = out.info.get("prior") or (prior.name if prior is not None else None)
                     x = out.volume.array
                     row.psnr = psnr(hr.array, x, dr)
                     row.psnr_masked = psnr(hr.array, x, dr, mask)
