@@ -1,5 +1,6 @@
 """Package boundaries and packaging: the library never imports slicer/qt/vtk; a wheel install works."""
 
+import glob
 import json
 import os
 import subprocess
@@ -44,6 +45,9 @@ def test_non_editable_install_runs_from_elsewhere(tmp_path):
                         "--target", str(target), ROOT], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (target / "MRISuperResLib" / "physics" / "operators.py").exists()
+    for init in glob.glob(os.path.join(ROOT, "MRISuperResLib", "**", "__init__.py"), recursive=True):
+        rel = os.path.relpath(init, ROOT)  # every subpackage is in pyproject's package list
+        assert (target / rel).exists(), rel
     assert not (target / "MRISuperResLib.egg-link").exists()
     code = ("import MRISuperResLib, json, subprocess, sys; print(MRISuperResLib.__file__)\n"
             "r = subprocess.run([sys.executable, '-m', 'MRISuperResLib', 'methods', '--json'], capture_output=True, "
