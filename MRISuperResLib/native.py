@@ -34,7 +34,7 @@ from .errors import InputError
 from .physics.resample import AffineResample, Composed, index_to_physical_matrix
 from .priors.reference import prior_grid, prior_reference
 from .registration import register
-from .volume import Grid, Volume
+from .volume import Grid, Volume, to_sitk
 
 MODES = ("auto", "rigid", "affine", "none")
 GRID_TOL = 1e-3
@@ -204,14 +204,11 @@ def _inside(native: Grid, prior: Grid, native_to_prior) -> np.ndarray:
 
 def _map_mask(mask: np.ndarray, mask_grid: Grid, native: Grid, native_to_prior) -> np.ndarray:
     """The mask (in the prior's physical space) on G_n, nearest neighbour."""
-    img = sitk.GetImageFromArray(np.ascontiguousarray(mask.astype(np.uint8).transpose(2, 1, 0)))
-    img.SetSpacing(mask_grid.spacing)
-    img.SetOrigin(mask_grid.origin)
-    img.SetDirection(mask_grid.direction)
+    img = to_sitk(Volume(np.ascontiguousarray(mask, dtype=np.float32), mask_grid))
     t = np.asarray(native_to_prior, dtype=np.float64)
     tx = sitk.AffineTransform(3)
     tx.SetMatrix(t[:3, :3].ravel().tolist())
     tx.SetTranslation(t[:3, 3].tolist())
     out = sitk.Resample(img, [int(n) for n in native.shape], tx, sitk.sitkNearestNeighbor, native.origin,
-                        native.spacing, native.direction, 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(out).transpose(2, 1, 0) > 0
+                        native.spacing, native.direction, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out).transpose(2, 1, 0) > 0.5

@@ -6,7 +6,7 @@ on the physical origin, which MNI-like spaces put near the middle of the brain.
 
 Reference: the card's `reference` files (mean brain and brain mask, sha256-checked) when present. Otherwise the
 prior's decoder applied to the zero latent, the centre of the latent distribution, with a brain mask from
-Otsu's threshold, its largest component and its holes filled.
+Otsu's threshold, its largest component and its holes filled (metrics.head_mask).
 """
 
 import os
@@ -15,15 +15,15 @@ from typing import Tuple
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ..errors import InputError
+from ..metrics import head_mask
 from ..volume import Grid, Volume, read_volume
 from .space import direction_of, shape_of
 
-# Decoding the zero latent of the published prior takes minutes on a CPU; a benchmark reuses one prior for
-# many runs, so the fallback reference is kept for as long as its prior lives.
-_DECODED = weakref.WeakKeyDictionary()
+# Decoding the zero latent of the published prior takes minutes on a CPU, and reading and checking the files
+# costs seconds; a benchmark or batch reuses one prior for many runs, so the reference lives as long as its prior.
+_CACHE = weakref.WeakKeyDictionary()
 
 
 def prior_grid(card: dict) -> Grid:
@@ -47,12 +47,10 @@ def prior_grid(card: dict) -> Grid:
 
 def prior_reference(prior) -> Tuple[Volume, np.ndarray]:
     """(reference image, boolean brain mask on its grid), in the prior's physical space."""
-    ref = (prior.card or {}).get("reference")
-    if ref:
-        return _read_reference(prior, ref)
-    if prior not in _DECODED:
-        _DECODED[prior] = _decoded_reference(prior)
-    return _DECODED[prior]
+    if prior not in _CACHE:
+        ref = (prior.card or {}).get("reference")
+        _CACHE[prior] = _read_reference(prior, ref) if ref else _decoded_reference(prior)
+    return _CACHE[prior]
 
 
 def _read_reference(prior, ref: dict) -> Tuple[Volume, np.ndarray]:
@@ -91,27 +89,4 @@ def _decoded_reference(prior) -> Tuple[Volume, np.ndarray]:
         z = torch.zeros((1,) + gen.latent_shape, device=prior.device)
         x = gen.decode(z)[0, 0].to("cpu", torch.float32).numpy()
     image = Volume(np.ascontiguousarray(x), prior_grid(prior.card), description="decoded zero latent")
-    return image, brain_mask(x)
-
-
-def brain_mask(image: np.ndarray) -> np.ndarray:
-    """Otsu foreground, its largest connected component, holes filled."""
-    fg = image > otsu_threshold(image)
-    labels, n = ndimage.label(fg)
-    if n > 1:
-        sizes = ndimage.sum(fg, labels, range(1, n + 1))
-        fg = labels == (1 + int(np.argmax(sizes)))
-    return ndimage.binary_fill_holes(fg)
-
-
-def otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
-    """The threshold maximising the between-class variance of the intensity histogram."""
-    hist, edges = np.histogram(np.asarray(image, dtype=np.float64).ravel(), bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(edges[int(np.argmax(between[:-1])) + 1])  # upper edge of the last background bin
+    return image, head_mask(image)
