@@ -72,7 +72,7 @@ def gate_summary(rows, gate, target_db) -> dict:
         hard = r["degradation"] == gate[r["method"]][-1]  # 8 mm, or 4x for k-space: where the target applies
         out.setdefault(r["prior"], []).append({
             "method": r["method"], "case": r["case"], "label": r["label"], "degradation": r["degradation"],
-            "psnr_masked": r["psnr_masked"], "ssim": r["ssim"], "seconds": r["seconds"],
+            "device": r.get("device"), "psnr_masked": r["psnr_masked"], "ssim": r["ssim"], "seconds": r["seconds"],
             "baseline": r["baseline"], "baseline_psnr_masked": base and base["psnr_masked"],
             "baseline_ssim": base and base["ssim"], "delta_psnr_masked_db": r["delta_psnr_masked_db"],
             "target_db": target_db if hard else None,
@@ -92,15 +92,18 @@ def update_cards(rows, meta, gate, target_db):
         path = os.path.join(folder, "model.json")
         with open(path) as fh:
             card = json.load(fh)
-        # Gate runs add up (e.g. one per case): a row replaces the earlier one of the same method, case and
-        # degradation, and each row names the run it came from.
+        # Gate runs add up (e.g. one per case, or a CPU and a GPU run): a row replaces the earlier one of the same
+        # method, case, degradation and device kind, and each row names the run it came from.
         old = card.get("quality_gate") or {}
         run = {"command": meta["command"], "machine": meta["machine"], "date": meta["date"]}
         runs = [r for r in old.get("runs", []) if r != run] + [run]
         for item in items:
             item["run"] = len(runs) - 1
-        fresh = {(i["method"], i["case"], i["degradation"]) for i in items}
-        kept = [i for i in old.get("rows", []) if (i["method"], i["case"], i["degradation"]) not in fresh]
+        def key(i):  # rows written before the device was recorded came from CPU runs
+            return i["method"], i["case"], i["degradation"], str(i.get("device") or "cpu").split(":")[0]
+
+        fresh = {key(i) for i in items}
+        kept = [i for i in old.get("rows", []) if key(i) not in fresh]
         card["quality_gate"] = {"target": "masked PSNR >= baseline + %g dB at 8 mm slice removal (4x k-space)"
                                           % target_db, "runs": runs, "rows": kept + items}
         atomic_write_text(path, json.dumps(card, indent=1) + "\n")

@@ -106,4 +106,11 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
     got = {(r["case"], r["meets_target"]) for r in gate["rows"]}
     assert got == {("synthetic-1", True), ("mni152", True)}  # the later mni152 run replaced the earlier row
     assert len(gate["runs"]) == 3 and gate["rows"][-1]["run"] == 2
+    # a GPU run of the same rows sits beside the CPU ones instead of replacing them
+    gpu = [dict(r, device="cuda:0") for r in rows("mni152", 23.0)]
+    update_cards(gpu, dict(meta, command="bench --gate --device cuda", date="d4"), GATE, 1.0)
+    with open(tmp_path / "store" / "gate-ldm" / "model.json") as fh:
+        rows_now = json.load(fh)["quality_gate"]["rows"]
+    assert sorted((r["case"], r.get("device") or "cpu", r["psnr_masked"]) for r in rows_now) == [
+        ("mni152", "cpu", 21.5), ("mni152", "cuda:0", 23.0), ("synthetic-1", "cpu", 22.0)]
     load_prior("gate-ldm")  # the card still verifies against its weights
