@@ -157,13 +157,26 @@ class PairedModel:
         return (z - ab.sqrt() * out) / (1 - ab).sqrt()
 
 
+HIGH_T_FROM = 0.9  # "high" timesteps: the last 10% of the schedule, where a short DDIM chain starts
+
+
 def paired_loss(model: PairedModel, hr: torch.Tensor, up: torch.Tensor, cond: torch.Tensor,
-                generator: torch.Generator):
+                generator: torch.Generator, high_t_fraction: float = 0.0):
     """MSE of the network's target (eps, or x0 for sample prediction) for HR patches hr and their upsampled
-    inputs up (B, 1, *patch), both in [-1, 1]."""
+    inputs up (B, 1, *patch), both in [-1, 1].
+
+    high_t_fraction: share of the draws taken from the last 10% of timesteps instead of all of them. A 1-step
+    chain uses only its first x0 estimate, a plain regression of the residual from the upsampled input, which
+    uniform draws train in one step out of ten.
+    """
     b, dev = hr.shape[0], hr.device
     ab = model.alpha_bar.to(dev, torch.float32)
-    t = torch.randint(0, ab.numel(), (b,), generator=generator).to(dev)
+    n = ab.numel()
+    t = torch.randint(0, n, (b,), generator=generator)
+    if high_t_fraction > 0:
+        high = torch.rand(b, generator=generator) < high_t_fraction
+        t = torch.where(high, torch.randint(int(HIGH_T_FROM * n), n, (b,), generator=generator), t)
+    t = t.to(dev)
     eps = torch.randn(hr.shape, generator=generator).to(dev)
     x0 = (hr - up) / model.residual_scale
     a = ab[t].view(-1, *([1] * (hr.ndim - 1)))

@@ -233,6 +233,11 @@ def cmd_train(args):
             raise InputError("%s is a '%s' run, not '%s'." % (run_dir, run["task"], args.task),
                              "Resume it with `train %s --resume --run-dir %s`." % (run["task"], args.run_dir))
         options = run["options"]
+        if args.task in _PLUGINS and hasattr(_plugin(args.task)[0], "resume_options"):
+            changed = _plugin(args.task)[0].resume_options(args, options)
+            for key in sorted(k for k in changed if changed[k] != options.get(k)):
+                _log("note: %s changed on resume (%s -> %s)" % (key, options.get(key), changed[key]))
+            options = changed
         train = dict(run["train"])
         for key in _TRAIN_KEYS:
             if getattr(args, key) is not None:

@@ -108,7 +108,7 @@ class PairedTask:
     def loss(self, step: int, generator: torch.Generator):
         o = self.options
         hr, up, cond = self.pairs(draw_train_seeds(generator, o["batch_size"], o.get("pool", 0)), generator)
-        return cosine.paired_loss(self.model(), hr, up, cond, generator)
+        return cosine.paired_loss(self.model(), hr, up, cond, generator, float(o.get("high_t_fraction", 0.0)))
 
     @torch.no_grad()
     def evaluate(self, seeds) -> dict:
@@ -144,6 +144,19 @@ def add_arguments(p):
                         '"factors": [4]}]\' (default: slice removal and Gaussian thick slices along k, factors 2-8).')
     p.add_argument("--channels", type=int, nargs="+", default=None, help="3D UNet channels (default 16 32 64).")
     p.add_argument("--norm-groups", type=int, default=None)
+    p.add_argument("--high-t-fraction", type=float, default=None,
+                   help="Share of steps drawn from the last 10%% of timesteps (default 0: uniform), where a short "
+                        "sampling chain starts; may be changed on --resume.")
+
+
+def resume_options(args, options: dict) -> dict:
+    """The task options a resumed run may change: the timestep draw (not the network or the data)."""
+    f = getattr(args, "high_t_fraction", None)
+    if f is None:
+        return options
+    if not 0.0 <= f <= 1.0:
+        raise InputError("--high-t-fraction must be between 0 and 1, not %g." % f, "Give e.g. --high-t-fraction 0.5.")
+    return dict(options, high_t_fraction=float(f))
 
 
 def new_options(args, synth: dict) -> dict:
@@ -161,6 +174,7 @@ def new_options(args, synth: dict) -> dict:
     net = cosine.default_unet(tuple(args.channels or (16, 32, 64)))
     if args.norm_groups is not None:
         net["norm_num_groups"] = args.norm_groups
-    return PairedTask.default_options(synth=synth, network=net, patch=tuple(args.patch or (32, 32, 32)),
+    opts = PairedTask.default_options(synth=synth, network=net, patch=tuple(args.patch or (32, 32, 32)),
                                       margin=8 if args.margin is None else args.margin, operators=ops,
                                       batch_size=args.batch_size or 2, pool=args.pool or 0)
+    return resume_options(args, opts)

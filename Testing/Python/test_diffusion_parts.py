@@ -176,6 +176,20 @@ def test_paired_loss_decreases():
     assert losses[-1] < losses[0]
 
 
+def test_paired_loss_high_t_fraction_moves_the_draws_to_the_end_of_the_schedule():
+    prior, _ = tiny_paired(2)
+    model = cosine.PairedModel.from_prior(prior)
+    hr = torch.rand(64, 1, 8, 8, 8) * 2 - 1
+    cond = cosine.condition_vector("slice-removal", "gaussian", (1, 1, 2))[None].expand(64, -1)
+    n = model.alpha_bar.numel()
+    with torch.no_grad():
+        _, uniform = cosine.paired_loss(model, hr, hr, cond, torch.Generator().manual_seed(3))
+        _, high = cosine.paired_loss(model, hr, hr, cond, torch.Generator().manual_seed(3), high_t_fraction=1.0)
+        _, half = cosine.paired_loss(model, hr, hr, cond, torch.Generator().manual_seed(3), high_t_fraction=0.5)
+    assert high["t_mean"] >= cosine.HIGH_T_FROM * n
+    assert uniform["t_mean"] < 0.75 * n and uniform["t_mean"] < half["t_mean"] < high["t_mean"]
+
+
 # ---- sliding window ----
 
 @pytest.mark.parametrize("shape,patch,overlap", [((1, 2, 20, 17, 9), (8, 8, 8), 0.25), ((2, 1, 5, 30, 12), (8, 8, 8), 0.5),

@@ -11,7 +11,7 @@ from MRISuperResLib.errors import InputError, UserError
 from MRISuperResLib.training.autoencoder import AutoencoderTask
 from MRISuperResLib.training.export import CARD, load_network, read_card, sha256_of
 from MRISuperResLib.training.ldm import LDMTask, alphas_cumprod, default_unet
-from MRISuperResLib.training.trainer import CHECKPOINT, LOG_FILE, TrainConfig, Trainer, load_checkpoint
+from MRISuperResLib.training.trainer import CHECKPOINT, LOG_FILE, TrainConfig, Trainer, load_checkpoint, read_run
 
 TINY_AE = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [4, 8], "latent_channels": 3,
            "num_res_blocks": 1, "norm_num_groups": 4, "norm_eps": 1e-6, "attention_levels": [False, False],
@@ -237,6 +237,24 @@ def test_cli_plugin_tasks_train_and_resume(tmp_path, task, extra):
     assert main(args) == 0 and load_checkpoint(folder)["step"] == 1
     assert main(["train", task, "--run-dir", folder, "--resume", "--device", "cpu"]) == 0
     assert load_checkpoint(folder)["step"] == 2
+
+
+def test_paired_resume_may_change_the_timestep_draw_but_not_the_network(tmp_path, capsys):
+    from MRISuperResLib.cli import main
+
+    folder = str(tmp_path / "paired")
+    base = ["train", "paired", "--run-dir", folder, "--grid", "32", "32", "32", "--channels", "8", "16",
+            "--norm-groups", "4", "--patch", "16", "16", "16", "--threads", "1", "--device", "cpu"]
+    assert main(base + ["--steps", "1"]) == 0
+    assert "high_t_fraction" not in read_run(folder)["options"]
+    assert main(["train", "paired", "--run-dir", folder, "--resume", "--steps", "2", "--high-t-fraction", "0.5",
+                 "--device", "cpu"]) == 0
+    run_now = read_run(folder)
+    assert run_now["options"]["high_t_fraction"] == 0.5 and run_now["options"]["network"]["channels"] == [8, 16]
+    assert "high_t_fraction changed on resume" in capsys.readouterr().err and load_checkpoint(folder)["step"] == 2
+    assert main(["train", "paired", "--run-dir", folder, "--resume", "--steps", "3", "--high-t-fraction", "2",
+                 "--device", "cpu"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
 
 
 def test_new_autoencoders_train_on_the_posterior_mean():
