@@ -21,7 +21,7 @@ import torch
 from ..diffusion.cosine import PairedModel, condition_of, ddim_step, sampling_pairs
 from ..diffusion.intensity import robust_scale
 from ..diffusion.patches import sliding_window
-from ..errors import InputError
+from ..errors import InputError, ResourceError
 from .registry import SEED, Setting, SolveResult, register
 
 AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
@@ -68,6 +68,26 @@ def _turn_to_trained_axis(prior, physics):
     return int(axes[0])
 
 
+def _window_fitting_memory(eps_fn, x, patch, overlap, batch, progress):
+    """sliding_window, halving the patches per network call while the GPU runs out of memory.
+
+    The default GPU batch suits a large card; a smaller one fails at the first call, so retrying the whole step
+    with half the batch loses nothing. Returns (result, the batch that fitted), which later steps keep.
+    """
+    while True:
+        try:
+            return sliding_window(eps_fn, x, patch, overlap, batch), batch
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch == 1:
+                raise ResourceError("The GPU ran out of memory with one %s patch per network call."
+                                    % "x".join(str(p) for p in patch),
+                                    "Set a smaller patch (e.g. patch=64) or run on the CPU (--device cpu).") from None
+            batch = max(1, batch // 2)
+            progress.warning("The GPU ran out of memory; retrying with %d patches per network call." % batch)
+
+
 @register("paired-ddpm", "Paired conditional DDPM",
           "Conditional diffusion model trained on LR/HR pairs of the run's degradation, sampled with DDIM over "
           "overlapping 3D patches.", settings=SETTINGS, generative=True, needs_prior="paired")
@@ -99,6 +119,7 @@ def solve(y, physics, prior, settings, progress, generator):
         z = randn(hr)
         patch = model.patch if not settings.get("patch") else (int(settings["patch"]),) * 3
         skipped = [0, 0]
+        batch = int(settings["batch"])
         for n, (t, ab_t, ab_prev) in enumerate(pairs, 1):
             def eps_fn(chunk, t=t, ab_t=ab_t):
                 # Air (the upsampled input at the floor everywhere in the patch) has no residual to add:
@@ -115,8 +136,8 @@ def solve(y, physics, prior, settings, progress, generator):
                     eps[busy] = (e.transpose(2 + turn, 4) if turn is not None else e).to(dev, dtype)
                 return eps
 
-            eps_hat = sliding_window(eps_fn, torch.cat([z, up], 1), patch, float(settings["overlap"]),
-                                     int(settings["batch"]))
+            eps_hat, batch = _window_fitting_memory(eps_fn, torch.cat([z, up], 1), patch, float(settings["overlap"]),
+                                                    batch, progress)
             z = ddim_step(z, eps_hat, ab_t, ab_prev, eta, randn(hr) if eta > 0 and ab_prev < 1.0 else None,
                           model.clip)
             progress(n, len(pairs), "DDIM step %d of %d (t = %d)" % (n, len(pairs), t))
@@ -127,6 +148,7 @@ def solve(y, physics, prior, settings, progress, generator):
         extras = {}
         if n_samples > 1:
             extras["uncertainty"] = out.std(0)
-    info = {"samples": n_samples, "patch": list(patch), "axis_turned_to_k": turn, "intensity_scale": [scale.lo, scale.hi],
+    info = {"samples": n_samples, "patch": list(patch), "batch": batch, "axis_turned_to_k": turn,
+            "intensity_scale": [scale.lo, scale.hi],
             "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4)}
     return SolveResult(out.mean(0), extras, info)

@@ -147,6 +147,36 @@ def test_sampler_with_an_oracle_model_recovers_the_truth(eta):
     assert float(out.extras["uncertainty"].array.max()) < 1e-3 * rng  # samples agree when the model is certain
 
 
+def test_gpu_out_of_memory_halves_the_batch_then_says_what_to_do(prior, monkeypatch):
+    """The network is made to fail like a full GPU whenever it gets more than `fits` patches at once."""
+    from MRISuperResLib.diffusion import cosine
+    from MRISuperResLib.errors import ResourceError
+
+    spec, lr = _lr()
+    real_eps = cosine.PairedModel.eps
+    fits = {"n": 2}
+    sizes = []
+
+    def eps(self, z, up, cond, t):
+        sizes.append(z.shape[0])
+        if z.shape[0] > fits["n"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_eps(self, z, up, cond, t)
+
+    monkeypatch.setattr(cosine.PairedModel, "eps", eps)
+    events = []
+    ref = _run(prior, lr, spec, batch=1, patch=8, overlap=0.0)
+    sizes.clear()
+    out = _run(prior, lr, spec, events=events, batch=8, patch=8, overlap=0.0)
+    assert out.info["batch"] == 2 and max(sizes[-3:]) <= 2  # later steps keep the batch that fitted
+    assert any(e.get("event") == "warning" and "retrying with 2 patches" in e.get("message", "") for e in events)
+    # the same patches, only grouped differently (batched kernels round differently)
+    np.testing.assert_allclose(out.volume.array, ref.volume.array, rtol=0, atol=1e-4 * np.ptp(ref.volume.array))
+    fits["n"] = 0
+    with pytest.raises(ResourceError, match="one 8x8x8 patch.*patch=64"):
+        _run(prior, lr, spec, batch=4, patch=8, overlap=0.0)
+
+
 @pytest.mark.slow
 def test_whole_1mm_brain_fits_patch_wise(prior):
     # 160 x 224 x 160 from 4 mm slices: only the volume-sized buffers grow with the brain, not the network's
