@@ -94,10 +94,11 @@ def _profile(args, dev):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "profile.json"), "w") as fh:
         json.dump(rows, fh, indent=1, default=str)
-    print("| method | device | s/iteration | peak GB | note |\n|---|---|---|---|---|")
+    print("| method | device | s/iteration | peak GB | model TFLOP/s | note |\n|---|---|---|---|---|---|")
     for r in rows:
-        print("| %s | %s | %s | %s | %s |" % (r["method"], r["device"],
-                                            "%.2f" % r["seconds_per_iteration"] if "error" not in r else "-",
-                                            "%.2f" % r["peak_memory_gb"] if "error" not in r else "-",
+        print("| %s | %s | %s | %s | %s | %s |" % (r["method"], r["device"],
+                                                 "%.2f" % r["seconds_per_iteration"] if "error" not in r else "-",
+                                                 "%.2f" % r["peak_memory_gb"] if "error" not in r else "-",
+                                                 "%.1f" % r["achieved_tflops"] if "error" not in r else "-",
                                             r.get("error", r.get("peak_memory_kind", "")).split(". ")[0]))
     return 0

@@ -52,3 +52,9 @@ def test_profile_on_a_tiny_config(device):
     assert out["shape"] == [16, 16, 8] and out["iterations"] == 2
     assert out["estimate"]["memory_gb"] >= 0 and out["estimate"]["iterations"] == 2
     assert torch.device(out["device"]).type == torch.device(device).type
+    # forward + backward = 3 x the forward FLOPs of the decoder counted at the full tiny grid (16^3), scaled to 16x16x8
+    card = synthetic.tiny_card()
+    assert card["grid"]["shape"] == [16, 16, 16]
+    flops = budget.network_profile(card, False)["decoder_flops"]
+    assert out["model_tflop_per_iteration"] * 1e12 == pytest.approx(3 * flops / 2)
+    assert out["achieved_tflops"] == pytest.approx(out["model_tflop_per_iteration"] / out["seconds_per_iteration"])
