@@ -233,8 +233,9 @@ def cmd_train(args):
             raise InputError("%s is a '%s' run, not '%s'." % (run_dir, run["task"], args.task),
                              "Resume it with `train %s --resume --run-dir %s`." % (run["task"], args.run_dir))
         options = run["options"]
-        if args.task in _PLUGINS and hasattr(_plugin(args.task)[0], "resume_options"):
-            changed = _plugin(args.task)[0].resume_options(args, options)
+        resume_options = getattr(_plugin(args.task)[0], "resume_options", None) if args.task in _PLUGINS else None
+        if resume_options is not None:
+            changed = resume_options(args, options)
             for key in sorted(k for k in changed if changed[k] != options.get(k)):
                 _log("note: %s changed on resume (%s -> %s)" % (key, options.get(key), changed[key]))
             options = changed
