@@ -37,6 +37,7 @@ class Estimate:
     iterations: int
     device: str
     parts: Dict[str, float] = field(default_factory=dict)
+    model_flops: float = 0.0  # forward + backward of one iteration (3x forward), recomputation not counted
 
     @property
     def total_seconds(self) -> float:
@@ -51,7 +52,8 @@ class Estimate:
         return {"memory_gb": round(self.memory_bytes / GB, 3), "seconds_per_iteration": round(
             self.seconds_per_iteration, 4), "total_seconds": round(self.total_seconds, 1),
             "iterations": self.iterations, "device": self.device,
-            "parts_gb": {k: round(v / GB, 3) for k, v in self.parts.items()}}
+            "parts_gb": {k: round(v / GB, 3) for k, v in self.parts.items()},
+            "model_tflop_per_iteration": self.model_flops / 1e12}
 
 
 def duration(s: float) -> str:
@@ -154,12 +156,12 @@ def estimate(card: dict, method: str, device, iterations: int, ddim_steps: int =
     act *= scale
     weights = p["autoencoder_weights"] + (p["unet_weights"] if uses_unet else 0.0)
     need = act + (0.0 if weights_resident else weights)
-    flops = passes * (p["decoder_flops"] + (ddim_steps * p["unet_flops"] if uses_unet else 0.0))
-    per_iter = flops / throughput(device)
+    forward = p["decoder_flops"] + (ddim_steps * p["unet_flops"] if uses_unet else 0.0)
+    per_iter = passes * forward / throughput(device)
     parts = {"activations": act, "weights": weights, "decoder": dec * scale}
     if uses_unet:
         parts["unet_step"] = unet * scale if checkpointing else unet * scale / max(ddim_steps, 1)
-    return Estimate(need, per_iter, int(iterations), str(device), parts)
+    return Estimate(need, per_iter, int(iterations), str(device), parts, model_flops=3.0 * forward)
 
 
 def available_memory(device) -> float:

@@ -56,10 +56,9 @@ def profile(method: str, device="cpu", shape: Optional[Sequence[int]] = None, it
         peak, what = torch.cuda.max_memory_allocated(dev), "GPU memory allocated by torch"
     else:
         peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
-    # Utilisation: the model's forward and backward FLOPs (3x forward; checkpoint recomputation is overhead, not
-    # counted) per measured second, counted on the meta device by budget.network_profile.
-    counts = budget.network_profile(prior.card, method == "inversesr-ldm")
-    model_flops = 3.0 * (counts["decoder_flops"] + int(settings.get("ddim_steps") or 0) * counts["unet_flops"])
+    # Utilisation: the model's forward and backward FLOPs (checkpoint recomputation is overhead, not counted) per
+    # measured second, from the run's own estimate (counted on the meta device, budget.network_profile).
+    model_flops = result.info["estimate"]["model_tflop_per_iteration"] * 1e12
     s_per_it = sum(steps) / len(steps)
     return {"method": method, "device": str(dev), "shape": list(hr_shape), "iterations": iterations,
             "model_tflop_per_iteration": model_flops / 1e12, "achieved_tflops": model_flops / s_per_it / 1e12,
