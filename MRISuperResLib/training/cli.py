@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..progress import JsonLinesSink
 
 _TRAIN_KEYS = ("steps", "chunk_steps", "max_minutes", "checkpoint_every", "log_every", "lr", "warmup_steps",
-               "weight_decay", "grad_clip", "seed")
+               "weight_decay", "grad_clip", "seed", "ema")
 _RUNTIME_KEYS = ("steps", "chunk_steps", "max_minutes", "checkpoint_every", "log_every")
 # Tasks in their own modules: each offers add_arguments(parser), new_options(args, synth_options) and
 # the task class (constructor (options, device)); adding one is one file plus one line here.
@@ -51,6 +51,9 @@ def _common(p):
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--grad-clip", type=float, default=None, help="Gradient norm clip (default 1; 0 = off).")
     p.add_argument("--seed", type=int, default=None, help="Seed of initial weights and of every step's draws.")
+    p.add_argument("--ema", type=float, default=None,
+                   help="Keep an exponential moving average of the weights with this decay (e.g. 0.999) and export "
+                        "it instead of the last weights (default 0: off; may be turned on at a resume).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
     p.add_argument("--progress", choices=["text", "jsonl"], default="text")
@@ -323,11 +326,15 @@ def _reporter(args):
 def export_run(task, run_dir, out, name=None, eval_count=4, title="", description="", method_defaults=None):
     from .export import export_prior
     from .synth import split_seeds
-    from .trainer import count_parameters, load_checkpoint, read_run
+    from .trainer import count_parameters, exported_weights, load_checkpoint, read_run
 
     run = read_run(run_dir)
     ckpt = load_checkpoint(run_dir, "cpu")
     steps = int(ckpt["step"]) if ckpt else 0
+    if ckpt:
+        weights = exported_weights(ckpt)
+        for key, module in task.modules().items():
+            module.load_state_dict(weights[key])
     _log("scoring %d held-out brains..." % eval_count)
     metrics = task.evaluate(split_seeds("heldout", eval_count)) if eval_count else {}
     training = {
@@ -338,6 +345,8 @@ def export_run(task, run_dir, out, name=None, eval_count=4, title="", descriptio
         "options": {k: v for k, v in run["options"].items() if k not in ("network", "autoencoder")},
         "train": run["train"],
         "parameters": {role: count_parameters(m) for role, (_, m, _) in task.networks().items()},
+        "weights": ("exponential moving average of the weights (decay %g)" % ckpt["average"]["decay"]
+                    if ckpt and "average" in ckpt else "the last step's weights"),
     }
     from ..priors.card import sanitise_name
 
@@ -359,9 +368,7 @@ def cmd_export(args):
     if ckpt is None:
         raise InputError("%s has no checkpoint to export." % run_dir, "Train first.")
     task = make_task(run["task"], run["options"], device)
-    for name, module in task.modules().items():
-        module.load_state_dict(ckpt["modules"][name])
-    task.load_state(ckpt.get("task_state") or {})
+    task.load_state(ckpt.get("task_state") or {})  # export_run loads the weights it writes
     defaults = None
     if args.method_defaults:
         text = args.method_defaults

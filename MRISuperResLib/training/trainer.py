@@ -2,13 +2,18 @@
 
 A run lives in a folder:
     run.json        task name, task options, training options (written once; a resume reads it back)
-    checkpoint.pt   modules, optimiser, step, RNG state, task state (atomic replace; weights_only loadable)
+    checkpoint.pt   modules, optimiser, step, RNG state, task state, weight average (atomic replace;
+                    weights_only loadable)
     log.jsonl       one line per logged step: step, loss and its parts, lr, seconds per step
 
 Loop (per invocation):
     1. load checkpoint if resuming, else start at step 0
     2. for step in [start, target): draw the step's generator from (seed, step), loss, backward, clip, Adam
     3. stop at the target, after `chunk_steps` steps, or when `max_minutes` are used up; checkpoint
+With `ema` > 0 an exponential moving average of the weights, avg <- ema * avg + (1 - ema) * w after every step,
+is kept beside them and is what export writes: it averages out the last steps' gradient noise, which a
+diffusion loss (one random timestep per sample) has plenty of. Turned on at a resume, it starts from the
+current weights.
 Every random draw of step s comes from a generator seeded by (seed, s), so a run split into chunks
 gives the same weights as one uninterrupted run (on the same device and thread count).
 
@@ -47,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    ema: float = 0.0               # decay of the weight average that export writes (0: export the weights)
 
     def __post_init__(self):
         for name in ("steps", "chunk_steps", "checkpoint_every", "log_every", "warmup_steps"):
@@ -54,6 +60,8 @@ class TrainConfig:
                 raise InputError("--%s must not be negative." % name.replace("_", "-"), "Give 0 or more.")
         if self.lr <= 0:
             raise InputError("--lr must be positive.", "Give a learning rate such as 1e-4.")
+        if not 0.0 <= self.ema < 1.0:
+            raise InputError("--ema must be in [0, 1).", "Give a decay such as 0.999 (about the last 1000 steps), or 0.")
 
 
 @dataclass
@@ -156,6 +164,23 @@ class Trainer:
             raise UserError("The %s task has nothing to train." % task.name, "Check its options.")
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
+        self.average = None  # {module: {key: tensor}} when config.ema > 0
+
+    # ---- weight average --------------------------------------------------------------------------
+    def _start_average(self):
+        self.average = {name: {k: v.detach().clone() for k, v in m.state_dict().items()}
+                        for name, m in self.task.modules().items()}
+
+    @torch.no_grad()
+    def _update_average(self):
+        w = 1.0 - self.config.ema
+        for name, m in self.task.modules().items():
+            avg = self.average[name]
+            for k, v in m.state_dict().items():
+                if v.is_floating_point():
+                    avg[k].lerp_(v, w)
+                else:
+                    avg[k].copy_(v)
 
     # ---- state -------------------------------------------------------------------------------------
     def save(self):
@@ -166,6 +191,8 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "task_state": self.task.state(),
         }
+        if self.average is not None:
+            state["average"] = {"decay": self.config.ema, "modules": self.average}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         atomic_torch_save(state, os.path.join(self.run_dir, CHECKPOINT))
@@ -184,6 +211,11 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), self.device)
         self.task.load_state(ckpt.get("task_state") or {})
         self.step = int(ckpt["step"])
+        if self.config.ema > 0:
+            if "average" in ckpt:
+                self.average = ckpt["average"]["modules"]
+            else:
+                self._start_average()
         _truncate_log(os.path.join(self.run_dir, LOG_FILE), self.step)
         return True
 
@@ -202,6 +234,8 @@ class Trainer:
         log_path = os.path.join(self.run_dir, LOG_FILE)
         for m in self.task.modules().values():
             m.train()
+        if self.config.ema > 0 and self.average is None:
+            self._start_average()
         with open(log_path, "a") as log:
             while self.step < target:
                 if cfg.chunk_steps and self.step - start >= cfg.chunk_steps:
@@ -223,6 +257,8 @@ class Trainer:
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(list(self.task.parameters()), cfg.grad_clip)
                 self.optimizer.step()
+                if self.average is not None:
+                    self._update_average()
                 self.step += 1
                 last = float(loss.detach())
                 dt = self.clock() - ts
@@ -237,6 +273,13 @@ class Trainer:
                     self.save()
         self.save()
         return TrainResult(self.step, target, reason, self.clock() - t0, last)
+
+
+def exported_weights(ckpt: dict) -> dict:
+    """{module: state_dict} that export writes: the weight average when the run keeps one, else the weights."""
+    if "average" in ckpt:
+        return ckpt["average"]["modules"]
+    return ckpt["modules"]
 
 
 def count_parameters(module) -> int:

@@ -270,3 +270,44 @@ def test_new_autoencoders_train_on_the_posterior_mean():
     assert float(sigma.max()) < 1e-5 and torch.equal(task.ae.quant_conv_log_sigma.conv.bias, before)
     sampled = ae_task(sample_posterior=True)
     assert any(p is sampled.ae.quant_conv_log_sigma.conv.bias for p in sampled.parameters())
+
+
+def test_weight_average_follows_its_formula_survives_resume_and_is_exported(tmp_path):
+    from MRISuperResLib.training.cli import export_run
+    from MRISuperResLib.training.trainer import write_run
+
+    folder = str(tmp_path / "avg")
+    os.makedirs(folder)
+    task = ae_task()
+    w0 = {k: v.clone() for k, v in task.ae.state_dict().items()}
+    cfg = TrainConfig(steps=1, max_minutes=0, lr=1e-2, seed=3, ema=0.5)
+    trainer = Trainer(task, cfg, folder)
+    trainer.train()
+    w1 = task.ae.state_dict()
+    avg = load_checkpoint(folder)["average"]
+    assert avg["decay"] == 0.5
+    moved = [k for k in w0 if w0[k].is_floating_point() and not torch.equal(w0[k], w1[k])]
+    assert moved
+    for k in moved:  # one step from the starting weights: avg = 0.5 w0 + 0.5 w1
+        assert torch.allclose(avg["modules"]["autoencoder"][k], 0.5 * w0[k] + 0.5 * w1[k], atol=1e-7)
+    # A resume keeps the average and goes on updating it; a chunked run equals an uninterrupted one.
+    cfg2 = TrainConfig(steps=3, max_minutes=0, lr=1e-2, seed=3, ema=0.5)
+    resumed = Trainer(ae_task(), cfg2, folder)
+    assert resumed.restore()
+    resumed.train()
+    straight_dir = str(tmp_path / "straight")
+    os.makedirs(straight_dir)
+    straight = Trainer(ae_task(), cfg2, straight_dir)
+    straight.train()
+    a = load_checkpoint(folder)["average"]["modules"]["autoencoder"]
+    b = load_checkpoint(straight_dir)["average"]["modules"]["autoencoder"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.equal(a[k], resumed.task.ae.state_dict()[k]) for k in a)
+    # Export writes the average, and the card says so.
+    write_run(folder, "autoencoder", resumed.task.options, cfg2)
+    card = export_run(resumed.task, folder, str(tmp_path / "prior"), "tiny", eval_count=0)
+    net = load_network(str(tmp_path / "prior"), card["networks"]["autoencoder"])
+    assert all(torch.equal(v, a[k]) for k, v in net.state_dict().items())
+    assert "average" in card["training"]["weights"] and card["training"]["train"]["ema"] == 0.5
+    with pytest.raises(UserError, match="--ema"):
+        TrainConfig(ema=1.0)
