@@ -21,6 +21,7 @@ from .devices import resolve_device
 from .errors import InputError
 from .methods import get_method
 from .physics import OperatorSpec, hr_grid
+from .priors.card import gate_shortfall
 from .progress import Progress
 from .volume import GENERATED_DESCRIPTION, Grid, Volume
 
@@ -69,6 +70,10 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
     defaults = prior.method_defaults(m.name, resolve_device(device).type) if prior is not None and hasattr(
         prior, "method_defaults") else None
     resolved = m.resolve_settings(settings, defaults)
+    card = getattr(prior, "card", None)
+    shortfall = gate_shortfall(card, m.name, resolve_device(device).type) if isinstance(card, dict) else None
+    if shortfall:
+        progress.warning(shortfall)
     if seed is not None and "seed" in resolved:
         resolved["seed"] = int(seed)
     dev = resolve_device(device)

@@ -98,6 +98,27 @@ def method_defaults(card: dict, method: str, device_type: str) -> dict:
     return out
 
 
+def gate_shortfall(card: dict, method: str, device_type: str) -> Optional[str]:
+    """A warning when the card's quality gate has `method` below its baseline on `device_type`, else None.
+
+    The gate (bench --gate --update-cards) measured the prior at its default settings on test heads; a user about
+    to run a method that lost to plain interpolation there should hear it before trusting the output.
+    """
+    rows = [r for r in ((card.get("quality_gate") or {}).get("rows") or [])
+            if r.get("method") == method and not r.get("error") and r.get("delta_psnr_masked_db") is not None
+            and str(r.get("device") or "cpu").split(":")[0] == device_type]
+    if not rows:
+        return None
+    worst = min(rows, key=lambda r: r["delta_psnr_masked_db"])
+    if worst["delta_psnr_masked_db"] >= 0:
+        return None
+    return ("On its quality gate (model.json), prior '%s' with %s at its default %s settings scored %.1f dB masked "
+            "PSNR below %s (%s, %s). Its output here is likely worse than %s's; compare the two before relying on it."
+            % (card.get("name"), method, device_type,
+               -worst["delta_psnr_masked_db"], worst.get("baseline"), worst.get("degradation"),
+               worst.get("label") or worst.get("case"), worst.get("baseline")))
+
+
 def card_summary(card: dict, path: Optional[str] = None) -> dict:
     """The fields `models list` shows."""
     return {"name": card["name"], "kind": card["kind"], "title": card.get("title", card["name"]),

@@ -72,6 +72,27 @@ def test_uncertainty_and_untrained_operator_warning(prior):
     assert any(e["event"] == "warning" and "not trained on thick-slice" in e["message"] for e in ev)
 
 
+def _gate_row(delta, device="cpu", method="paired-ddpm"):
+    return {"method": method, "case": "synthetic-1000000", "label": "held-out synthetic", "degradation":
+            "slice-removal-8mm", "baseline": "bspline", "delta_psnr_masked_db": delta, "device": device, "error": None}
+
+
+def test_a_prior_that_lost_to_its_baseline_on_the_gate_is_announced(prior):
+    spec, lr = _lr()
+    gated = tiny_paired(0)[0]
+    gated.card = dict(gated.card, name="tiny", quality_gate={"rows": [
+        _gate_row(-2.5), _gate_row(0.3), _gate_row(-9.0, "cuda"), _gate_row(-7.0, "cpu", "inversesr-decoder")]})
+    ev = []
+    _run(gated, lr, spec, events=ev)
+    said = [e["message"] for e in ev if e["event"] == "warning" and "quality gate" in e["message"]]
+    # the worst CPU row of this method only: not the GPU row, not another method's
+    assert len(said) == 1 and "2.5 dB masked PSNR below bspline" in said[0] and "'tiny'" in said[0]
+    gated.card["quality_gate"]["rows"] = [_gate_row(0.4), _gate_row(-9.0, "cuda")]
+    ev = []
+    _run(gated, lr, spec, events=ev)
+    assert not any("quality gate" in e.get("message", "") for e in ev)
+
+
 def test_conditioning_on_the_operator_changes_the_prediction(prior):
     model = cosine.PairedModel.from_prior(prior)
     z = torch.randn(1, 1, 8, 8, 8)
