@@ -67,16 +67,16 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
     if spec.kind not in m.operators:
         raise InputError("Method %s is not built for %s degradations." % (m.name, spec.kind),
                          "It handles: %s. Choose another method or operator." % ", ".join(m.operators))
-    defaults = prior.method_defaults(m.name, resolve_device(device).type) if prior is not None and hasattr(
+    dev = resolve_device(device)
+    defaults = prior.method_defaults(m.name, dev.type) if prior is not None and hasattr(
         prior, "method_defaults") else None
     resolved = m.resolve_settings(settings, defaults)
     card = getattr(prior, "card", None)
-    shortfall = gate_shortfall(card, m.name, resolve_device(device).type) if isinstance(card, dict) else None
+    shortfall = gate_shortfall(card, m.name, dev.type) if isinstance(card, dict) else None
     if shortfall:
         progress.warning(shortfall)
     if seed is not None and "seed" in resolved:
         resolved["seed"] = int(seed)
-    dev = resolve_device(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         op = spec.bind_lr(lr.grid.shape)
