@@ -165,22 +165,31 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self.average = None  # {module: {key: tensor}} when config.ema > 0
+        self._pairs = None   # (average tensors, live tensors, non-float pairs), made once per train()
 
     # ---- weight average --------------------------------------------------------------------------
     def _start_average(self):
         self.average = {name: {k: v.detach().clone() for k, v in m.state_dict().items()}
                         for name, m in self.task.modules().items()}
 
-    @torch.no_grad()
-    def _update_average(self):
-        w = 1.0 - self.config.ema
+    def _pair_average(self):
+        # state_dict() tensors share storage with the live parameters and buffers, so one lookup serves every step
+        avg, live, other = [], [], []
         for name, m in self.task.modules().items():
-            avg = self.average[name]
             for k, v in m.state_dict().items():
                 if v.is_floating_point():
-                    avg[k].lerp_(v, w)
+                    avg.append(self.average[name][k])
+                    live.append(v)
                 else:
-                    avg[k].copy_(v)
+                    other.append((self.average[name][k], v))
+        self._pairs = (avg, live, other)
+
+    @torch.no_grad()
+    def _update_average(self):
+        avg, live, other = self._pairs
+        torch._foreach_lerp_(avg, live, 1.0 - self.config.ema)
+        for a, v in other:
+            a.copy_(v)
 
     # ---- state -------------------------------------------------------------------------------------
     def save(self):
@@ -211,11 +220,8 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), self.device)
         self.task.load_state(ckpt.get("task_state") or {})
         self.step = int(ckpt["step"])
-        if self.config.ema > 0:
-            if "average" in ckpt:
-                self.average = ckpt["average"]["modules"]
-            else:
-                self._start_average()
+        if self.config.ema > 0 and "average" in ckpt:
+            self.average = ckpt["average"]["modules"]
         _truncate_log(os.path.join(self.run_dir, LOG_FILE), self.step)
         return True
 
@@ -234,8 +240,10 @@ class Trainer:
         log_path = os.path.join(self.run_dir, LOG_FILE)
         for m in self.task.modules().values():
             m.train()
-        if self.config.ema > 0 and self.average is None:
-            self._start_average()
+        if self.config.ema > 0:
+            if self.average is None:
+                self._start_average()
+            self._pair_average()
         with open(log_path, "a") as log:
             while self.step < target:
                 if cfg.chunk_steps and self.step - start >= cfg.chunk_steps:
