@@ -115,14 +115,21 @@ class AutoencoderTask:
     def load_state(self, state: dict):
         pass
 
-    def batch(self, seeds: Sequence[int], generator=None):
+    def batch(self, seeds: Sequence[int], generator=None, device=None):
         patch = self.options.get("patch")
         xs = [self.synth.sample(s, patch=patch).image for s in seeds]
-        return torch.stack(xs)[:, None].to(self.device)
+        return torch.stack(xs)[:, None].to(self.device if device is None else device)
+
+    def draw(self, generator: torch.Generator) -> torch.Tensor:
+        o = self.options
+        return self.batch(draw_train_seeds(generator, o["batch_size"], o.get("pool", 0)), device="cpu")
 
     def loss(self, step: int, generator: torch.Generator):
+        return self.loss_on(self.draw(generator), generator)
+
+    def loss_on(self, batch: torch.Tensor, generator: torch.Generator):
         o = self.options
-        x = self.batch(draw_train_seeds(generator, o["batch_size"], o.get("pool", 0)))
+        x = batch.to(self.device)
         if self.deterministic:
             mu, _ = self.ae.encode(x)
             recon = self.ae.decode(mu)

@@ -56,6 +56,10 @@ def _common(p):
                         "it instead of the last weights (default 0: off; may be turned on at a resume).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Processes that draw the next steps' synthetic batches while this one trains (default 0: "
+                        "draw in the training process). On a GPU, give it the free CPU cores: one core cannot feed "
+                        "it. The run's weights do not depend on it.")
     p.add_argument("--progress", choices=["text", "jsonl"], default="text")
     p.add_argument("--export", default=None, metavar="DIR", help="When the run reaches --steps, write the prior here.")
     p.add_argument("--name", default=None, help="Prior name for --export (default: the folder's name).")
@@ -261,10 +265,10 @@ def cmd_train(args):
         commands = [_command_line(args)]
     torch.manual_seed(config.seed)  # initial weights depend only on the seed
     task = make_task(args.task, options, device, ae)
+    trainer = Trainer(task, config, run_dir, device, report=_reporter(args), workers=args.workers)  # checks first
     os.makedirs(run_dir, exist_ok=True)
     write_run(run_dir, args.task, options, config)
     _record_commands(run_dir, commands)
-    trainer = Trainer(task, config, run_dir, device, report=_reporter(args))
     if args.resume:
         if not trainer.restore():
             raise InputError("%s has no checkpoint to resume from." % run_dir,

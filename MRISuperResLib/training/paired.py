@@ -72,8 +72,8 @@ class PairedTask:
         if "residual_scale" in state:
             self.residual_scale = float(state["residual_scale"])
 
-    def pairs(self, seeds, generator: torch.Generator):
-        """(hr, up, cond): (B, 1, *patch) in [-1, 1] and (B, len(CONDITION_NAMES))."""
+    def pairs(self, seeds, generator: torch.Generator, device=None):
+        """(hr, up, cond): (B, 1, *patch) in [-1, 1] and (B, len(CONDITION_NAMES)), on `device` (default: the task's)."""
         patch, m, full = [int(p) for p in self.options["patch"]], int(self.options["margin"]), self.synth.shape
         big = [p + 2 * m for p in patch]
         hrs, ups, conds = [], [], []
@@ -89,9 +89,10 @@ class PairedTask:
             hrs.append(block[inner])
             ups.append(up[inner])
             conds.append(cosine.condition_of(op))
-        to = dict(device=self.device, dtype=torch.float32)
+        device = self.device if device is None else device
+        to = dict(device=device, dtype=torch.float32)
         return ((torch.stack(hrs)[:, None] * 2 - 1).to(**to), (torch.stack(ups)[:, None] * 2 - 1).to(**to),
-                torch.stack(conds).to(self.device))
+                torch.stack(conds).to(device))
 
     def _scale(self) -> float:
         if self.residual_scale is None:
@@ -105,10 +106,16 @@ class PairedTask:
         return cosine.PairedModel(self.unet, self.options["patch"], self._scale(),
                                   cosine.cosine_alpha_bar(sched["num_train_timesteps"]), sched.get("prediction", "epsilon"))
 
-    def loss(self, step: int, generator: torch.Generator):
+    def draw(self, generator: torch.Generator):
         o = self.options
-        hr, up, cond = self.pairs(draw_train_seeds(generator, o["batch_size"], o.get("pool", 0)), generator)
-        return cosine.paired_loss(self.model(), hr, up, cond, generator, float(o.get("high_t_fraction", 0.0)))
+        return self.pairs(draw_train_seeds(generator, o["batch_size"], o.get("pool", 0)), generator, "cpu")
+
+    def loss_on(self, batch, generator: torch.Generator):
+        hr, up, cond = (t.to(self.device) for t in batch)
+        return cosine.paired_loss(self.model(), hr, up, cond, generator, float(self.options.get("high_t_fraction", 0.0)))
+
+    def loss(self, step: int, generator: torch.Generator):
+        return self.loss_on(self.draw(generator), generator)
 
     @torch.no_grad()
     def evaluate(self, seeds) -> dict:
@@ -150,13 +157,19 @@ def add_arguments(p):
 
 
 def resume_options(args, options: dict) -> dict:
-    """The task options a resumed run may change: the timestep draw (not the network or the data)."""
+    """The task options a resumed run may change: the timestep draw and the batch size (not the network or the data)."""
+    options = dict(options)
     f = getattr(args, "high_t_fraction", None)
-    if f is None:
-        return options
-    if not 0.0 <= f <= 1.0:
-        raise InputError("--high-t-fraction must be between 0 and 1, not %g." % f, "Give e.g. --high-t-fraction 0.5.")
-    return dict(options, high_t_fraction=float(f))
+    if f is not None:
+        if not 0.0 <= f <= 1.0:
+            raise InputError("--high-t-fraction must be between 0 and 1, not %g." % f, "Give e.g. --high-t-fraction 0.5.")
+        options["high_t_fraction"] = float(f)
+    b = getattr(args, "batch_size", None)
+    if b is not None:
+        if b < 1:
+            raise InputError("--batch-size must be at least 1, not %d." % b, "Give e.g. --batch-size 8.")
+        options["batch_size"] = int(b)  # e.g. larger on a GPU than on the CPU the run started on
+    return options
 
 
 def new_options(args, synth: dict) -> dict:

@@ -21,13 +21,19 @@ A task (autoencoder.py, ldm.py; later vdm, paired) is a small object with: `name
 `modules()` (dict of nn.Module saved in the checkpoint), `parameters()` (what the optimiser trains),
 `loss(step, generator) -> (loss, {part: float})`, `state()` / `load_state(d)` (extra tensors to keep),
 `evaluate(seeds) -> {metric: float}`, `networks()` (for export: {role: (module, kwargs)}), `card()`.
+A task whose data needs no network may also split its loss into `draw(generator) -> batch` (CPU tensors) and
+`loss_on(batch, generator)`; `workers` > 0 then draws the coming steps' batches in separate processes, which is
+what keeps a GPU busy: rendering synthetic brains is CPU work, and one core cannot feed a GPU.
 """
 
 import json
 import math
+import multiprocessing
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -150,9 +156,73 @@ def _truncate_log(path, last_step):
     atomic_write_text(path, "".join(keep))
 
 
+_WORKER_TASK = None
+
+
+def _worker_start(task_class, options):
+    global _WORKER_TASK
+    torch.set_num_threads(1)  # one core per worker: the workers together are the parallelism
+    _WORKER_TASK = task_class(options, "cpu")
+
+
+def _worker_draw(seed: int, step: int):
+    gen = step_generator(seed, step)
+    batch = _WORKER_TASK.draw(gen)
+    return batch, gen.get_state()
+
+
+class InProcessFeed:
+    """Each step's loss from the task itself, in the training process."""
+
+    def __init__(self, task, seed: int):
+        self.task, self.seed = task, seed
+
+    def loss(self, step: int, last: int):
+        return self.task.loss(step, step_generator(self.seed, step))
+
+    def close(self):
+        pass
+
+
+class WorkerFeed:
+    """The batches of the coming steps drawn in worker processes while the training process runs the current one.
+
+    A worker draws step s's batch from step s's generator and sends the generator's state back with it, so the
+    loss continues from the very draws it would have made in-process: --workers changes the speed, not the run.
+    """
+
+    def __init__(self, task, seed: int, workers: int):
+        self.task, self.seed, self.depth = task, seed, 2 * workers
+        self.pending = {}
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_worker_start, initargs=(type(task), task.options))
+
+    def loss(self, step: int, last: int):
+        for s in range(step, min(step + self.depth, last)):
+            if s not in self.pending:
+                self.pending[s] = self.pool.submit(_worker_draw, self.seed, s)
+        try:
+            batch, state = self.pending.pop(step).result()
+        except BrokenProcessPool:
+            raise UserError("A data worker process stopped unexpectedly (often: out of memory).",
+                            "Resume with fewer --workers, or without --workers.") from None
+        gen = torch.Generator()
+        gen.set_state(state)
+        return self.task.loss_on(batch, gen)
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Trainer:
     def __init__(self, task, config: TrainConfig, run_dir: str, device=torch.device("cpu"),
-                 report: Optional[Callable[[dict], None]] = None, clock=time.monotonic):
+                 report: Optional[Callable[[dict], None]] = None, clock=time.monotonic, workers: int = 0):
+        if int(workers) < 0:
+            raise InputError("--workers must not be negative.", "Give 0 (draw in the training process) or more.")
+        if workers and not (hasattr(task, "draw") and hasattr(task, "loss_on")):
+            raise InputError("train %s cannot draw its batches in worker processes: its data needs the network."
+                             % task.name, "Run it without --workers.")
+        self.workers = int(workers)
         self.task = task
         self.config = config
         self.run_dir = run_dir
@@ -235,8 +305,6 @@ class Trainer:
         t0 = self.clock()
         start = self.step
         target = cfg.steps
-        reason = "done"
-        last = None
         log_path = os.path.join(self.run_dir, LOG_FILE)
         for m in self.task.modules().values():
             m.train()
@@ -244,6 +312,17 @@ class Trainer:
             if self.average is None:
                 self._start_average()
             self._pair_average()
+        feed = WorkerFeed(self.task, cfg.seed, self.workers) if self.workers else InProcessFeed(self.task, cfg.seed)
+        try:
+            reason, last = self._loop(feed, log_path, t0, start, target)
+        finally:
+            feed.close()
+        self.save()
+        return TrainResult(self.step, target, reason, self.clock() - t0, last)
+
+    def _loop(self, feed, log_path, t0, start, target):
+        cfg = self.config
+        reason, last = "done", None
         with open(log_path, "a") as log:
             while self.step < target:
                 if cfg.chunk_steps and self.step - start >= cfg.chunk_steps:
@@ -256,7 +335,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.lr_at(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, parts = self.task.loss(self.step, step_generator(cfg.seed, self.step))
+                loss, parts = feed.loss(self.step, target)
                 if not torch.isfinite(loss):
                     self.save()
                     raise UserError("The loss became %s at step %d." % (float(loss), self.step),
@@ -279,8 +358,7 @@ class Trainer:
                              "elapsed": self.clock() - t0, "start": start})
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
-        self.save()
-        return TrainResult(self.step, target, reason, self.clock() - t0, last)
+        return reason, last
 
 
 def exported_weights(ckpt: dict) -> dict:

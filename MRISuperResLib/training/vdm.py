@@ -65,7 +65,7 @@ class VDMTask:
     def load_state(self, state: dict):
         pass
 
-    def slices(self, seeds, generator: torch.Generator) -> torch.Tensor:
+    def slices(self, seeds, generator: torch.Generator, device=None) -> torch.Tensor:
         """(B, 1, crop, crop) in [-1, 1]: one random plane window per seed."""
         crop, full = int(self.options["crop"]), self.synth.shape
         out = []
@@ -75,12 +75,17 @@ class VDMTask:
             corner = [int(torch.randint(0, full[a] - patch[a] + 1, (1,), generator=generator)) for a in range(3)]
             img = self.synth.sample(s, patch=patch, corner=corner).image
             out.append(img.squeeze(axis))
-        return (torch.stack(out)[:, None] * 2.0 - 1.0).to(self.device)
+        return (torch.stack(out)[:, None] * 2.0 - 1.0).to(self.device if device is None else device)
+
+    def draw(self, generator: torch.Generator) -> torch.Tensor:
+        o = self.options
+        return self.slices(draw_train_seeds(generator, o["batch_size"], o.get("pool", 0)), generator, "cpu")
+
+    def loss_on(self, batch: torch.Tensor, generator: torch.Generator):
+        return vdm.vdm_loss(self.model, batch.to(self.device), generator)
 
     def loss(self, step: int, generator: torch.Generator):
-        o = self.options
-        x = self.slices(draw_train_seeds(generator, o["batch_size"], o.get("pool", 0)), generator)
-        return vdm.vdm_loss(self.model, x, generator)
+        return self.loss_on(self.draw(generator), generator)
 
     def evaluate(self, seeds) -> dict:
         """The VDM loss (per dimension) on held-out slices with fixed draws: lower is better."""

@@ -311,3 +311,45 @@ def test_weight_average_follows_its_formula_survives_resume_and_is_exported(tmp_
     assert "average" in card["training"]["weights"] and card["training"]["train"]["ema"] == 0.5
     with pytest.raises(UserError, match="--ema"):
         TrainConfig(ema=1.0)
+
+
+def test_worker_processes_draw_the_same_batches_as_the_training_process(tmp_path):
+    """--workers changes where batches are drawn, not what the run learns: same draws, same steps."""
+    from MRISuperResLib.diffusion.cosine import default_unet as paired_unet
+    from MRISuperResLib.training.paired import PairedTask
+
+    opts = PairedTask.default_options(synth=TINY_SYNTH, network=paired_unet((8, 16)), patch=(8, 8, 8), margin=2,
+                                      batch_size=2)
+    states, losses = [], []
+    for workers in (0, 2):
+        folder = str(tmp_path / ("w%d" % workers))
+        os.makedirs(folder)
+        torch.manual_seed(0)
+        task = PairedTask(opts, "cpu")
+        cfg = TrainConfig(steps=4, max_minutes=0, checkpoint_every=0, lr=1e-3, seed=5)
+        result = Trainer(task, cfg, folder, workers=workers).train()
+        assert result.finished
+        states.append(task.unet.state_dict())
+        losses.append(_log_losses(folder))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
+    assert losses[0][0] != losses[0][1]  # the steps drew different batches
+
+
+def test_workers_need_a_task_that_draws_without_its_network(tmp_path):
+    from MRISuperResLib.cli import main
+
+    task = ae_task()
+    with pytest.raises(InputError, match="negative"):
+        Trainer(task, TrainConfig(steps=1), str(tmp_path), workers=-1)
+    torch.manual_seed(0)
+    unet = default_unet(3, True, (8, 16))
+    unet["norm_num_groups"] = 4
+    opts = LDMTask.default_options(ae_kwargs=TINY_AE, synth=dict(TINY_SYNTH, shape=[32, 32, 32]), network=unet, pool=1)
+    ldm = LDMTask(opts, "cpu", autoencoder=task.ae)  # its batches are latents made by the autoencoder
+    with pytest.raises(InputError, match="without --workers"):
+        Trainer(ldm, TrainConfig(steps=1), str(tmp_path), workers=2)
+    folder = tmp_path / "neg"
+    assert main(["train", "paired", "--run-dir", str(folder), "--grid", "32", "32", "32", "--channels", "8", "16",
+                 "--norm-groups", "4", "--patch", "16", "16", "16", "--device", "cpu", "--workers", "-1"]) == 2
+    assert not folder.exists()  # nothing written for a run that never started
