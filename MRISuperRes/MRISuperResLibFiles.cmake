@@ -2,6 +2,7 @@
 set(MRISuperResLib_FILES
   MRISuperResLib/__init__.py
   MRISuperResLib/__main__.py
+  MRISuperResLib/allocator.py
   MRISuperResLib/cli.py
   MRISuperResLib/demo.py
   MRISuperResLib/devices.py

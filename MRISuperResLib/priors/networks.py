@@ -1,7 +1,8 @@
 """Building a prior's networks from its card, and reading/writing their weights safely.
 
 Only MONAI core classes named in `CLASSES` can be built (a card cannot name arbitrary code); kwargs go to
-the constructor verbatim. Weights are safetensors, or `.pt`/`.pth` state dicts read with
+the constructor verbatim, except that attention runs through torch's fused kernel unless the card says
+`use_flash_attention: false` (see `_with_fused_attention`). Weights are safetensors, or `.pt`/`.pth` state dicts read with
 `torch.load(weights_only=True)`. Old monai-generative key layouts are converted with MONAI's own
 `load_old_state_dict`.
 """
@@ -37,6 +38,7 @@ def build(spec: dict, device="cpu") -> torch.nn.Module:
     for k, v in list(kwargs.items()):
         if isinstance(v, list):
             kwargs[k] = tuple(v)
+    kwargs = _with_fused_attention(_classes()[name], kwargs)
     try:
         with torch.device(device):
             net = _classes()[name](**kwargs)
@@ -44,6 +46,21 @@ def build(spec: dict, device="cpu") -> torch.nn.Module:
         raise InputError("The model card's %s arguments are invalid: %s" % (name, exc),
                          "Fix 'networks.*.kwargs' in model.json (MONAI core constructor arguments).") from None
     return net.eval().requires_grad_(False)
+
+
+def _with_fused_attention(cls, kwargs: dict) -> dict:
+    """kwargs with MONAI's `use_flash_attention` on, where the class has it and the card leaves it out.
+
+    Why: the explicit path builds the whole tokens x tokens matrix. A paired-prior UNet always has attention in
+    its middle block, so a 64^3 patch (16^3 = 4096 tokens there) made 1 GB of attention matrix per two patches
+    and spent two thirds of its CPU time on it. torch's scaled_dot_product_attention computes the same softmax
+    attention in blocks (on the CPU too), with the same parameters, so weights and results do not change.
+    """
+    import inspect
+
+    if "use_flash_attention" not in kwargs and "use_flash_attention" in inspect.signature(cls).parameters:
+        kwargs = dict(kwargs, use_flash_attention=True)
+    return kwargs
 
 
 def count_parameters(net: torch.nn.Module) -> int:

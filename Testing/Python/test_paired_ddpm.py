@@ -51,6 +51,18 @@ def test_seed_determinism_progress_and_eta(prior):
     assert a.volume.grid.shape == HR and a.info["patch"] == [8, 8, 8]
 
 
+def test_mean_start_is_one_deterministic_estimate(prior):
+    spec, lr = _lr()
+    a = _run(prior, lr, spec, seed=5, steps=2, mean_start=True)
+    # the seed no longer matters (eta 0), and it is not any random sample's answer
+    assert np.array_equal(_run(prior, lr, spec, seed=6, steps=2, mean_start=True).volume.array, a.volume.array)
+    assert not np.allclose(_run(prior, lr, spec, seed=5, steps=2).volume.array, a.volume.array)
+    assert "uncertainty" not in a.extras and a.info["samples"] == 1
+    with pytest.raises(InputError, match="mean_start gives one deterministic estimate, so samples=3") as err:
+        _run(prior, lr, spec, steps=2, mean_start=True, samples=3)
+    assert "Set samples=1" in err.value.fix
+
+
 def test_projection_makes_the_output_consistent(prior):
     spec, lr = _lr()
     y = torch.as_tensor(lr.array, dtype=torch.float64)
@@ -165,6 +177,9 @@ def test_sampler_with_an_oracle_model_recovers_the_truth(eta):
     rng = float(truth.max() - truth.min())
     ours = psnr(out.volume.array, truth.numpy(), data_range=rng)
     assert ours > psnr(base.volume.array, truth.numpy(), data_range=rng) + 20
+    one = _run(prior, lr, spec, steps=1, eta=eta, mean_start=True)  # one step from zero noise reads x0 directly
+    assert psnr(one.volume.array, truth.numpy(), data_range=rng) > psnr(base.volume.array, truth.numpy(),
+                                                                        data_range=rng) + 20
     assert float(out.extras["uncertainty"].array.max()) < 1e-3 * rng  # samples agree when the model is certain
 
 

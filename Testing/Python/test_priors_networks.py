@@ -57,3 +57,26 @@ def test_safetensors_round_trip(tmp_path):
     net = networks.load_weights(net, networks.read_state_dict(path), path)
     z = torch.randn(1, 3, 8, 8, 8)
     assert torch.equal(net.decode(z), prior.autoencoder.decode(z))
+
+
+def _small_unet(**extra):
+    kwargs = {"spatial_dims": 3, "in_channels": 2, "out_channels": 1, "channels": [8, 16], "num_res_blocks": 1,
+              "attention_levels": [False, True], "norm_num_groups": 8, "num_head_channels": 8}
+    return networks.build({"class": "DiffusionModelUNet", "kwargs": dict(kwargs, **extra)})
+
+
+def _attention_flags(net):
+    return [m.use_flash_attention for m in net.modules() if hasattr(m, "use_flash_attention")]
+
+
+def test_attention_runs_fused_unless_the_card_says_otherwise():
+    fused, explicit = _small_unet(), _small_unet(use_flash_attention=False)
+    assert _attention_flags(fused) and all(_attention_flags(fused))
+    assert _attention_flags(explicit) and not any(_attention_flags(explicit))
+    explicit.load_state_dict(fused.state_dict())  # same parameters: the published weights still load
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 16, 16, 16, generator=g)
+    t = torch.tensor([999, 10])
+    with torch.no_grad():
+        a, b = fused(x, t), explicit(x, t)
+    assert torch.allclose(a, b, atol=1e-5 * float(b.abs().max()), rtol=0)
