@@ -18,6 +18,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/bench/cli.py
   MRISuperResLib/bench/report.py
   MRISuperResLib/bench/runner.py
+  MRISuperResLib/bench/speedups.py
   MRISuperResLib/diffusion/__init__.py
   MRISuperResLib/diffusion/cards.py
   MRISuperResLib/diffusion/cosine.py

@@ -21,6 +21,10 @@ def add_parser(sub):
     p.add_argument("--profile", action="store_true",
                    help="Instead: seconds/iteration and peak memory of the InverseSR methods at the published "
                         "prior's full size, random weights.")
+    p.add_argument("--speedups", action="store_true",
+                   help="Instead: paired-ddpm on an MNI152 crop with each speed-up (fused attention, kept heap) "
+                        "off and on, each in its own process: seconds, ratio to all off, peak memory, and that "
+                        "the outputs agree.")
     p.add_argument("--gate", action="store_true",
                    help="The default priors' quality gate: InverseSR and paired-ddpm at 4 and 8 mm slice removal, "
                         "kspace-vdm at 4x k-space, each against its baseline; the result is written into each "
@@ -44,6 +48,8 @@ def handle(args):
     dev = str(resolve_device(args.device))
     if args.profile:
         return _profile(args, dev)
+    if args.speedups:
+        return _speedups(args, dev)
     degs = args.degradations or (["slice-removal-4mm", "slice-removal-8mm", "kspace-4x"] if args.quick or args.gate
                                  else sorted(DEGRADATIONS))
     methods = args.methods or (sorted(GATE) if args.gate else None)
@@ -74,6 +80,27 @@ def handle(args):
     print("wrote %s, %s, %s and %d figures in %s (%.0f s)" % (paths["json"], paths["csv"], paths["md"],
                                                              len([k for k in paths if k.startswith("figure")]) + 1,
                                                              args.out, time.time() - t0))
+    return 0
+
+
+def _speedups(args, dev):
+    import json
+    import os
+
+    from . import speedups
+    from .runner import machine_description
+
+    t0 = time.time()
+    rows = speedups.run(args.out, dev, log=lambda m: sys.stderr.write(m + "\n"))
+    meta = {"machine": machine_description(dev), "command": "python -m MRISuperResLib " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": round(time.time() - t0, 1)}
+    table = speedups.markdown(rows)
+    with open(os.path.join(args.out, "speedups.json"), "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=1, default=str)
+    with open(os.path.join(args.out, "speedups.md"), "w") as fh:
+        fh.write(table + "\n\n%s, %s\n" % (meta["machine"], meta["date"]))
+    print(table)
+    print("wrote %s and %s" % (os.path.join(args.out, "speedups.json"), os.path.join(args.out, "speedups.md")))
     return 0
 
 

@@ -18,6 +18,9 @@ import torch
 from ..errors import InputError
 
 _CHUNK = 1 << 22
+# "explicit": build attention the way the card's kwargs alone say (to measure the fused kernel, or to step
+# around it where a platform's kernel misbehaves)
+ATTENTION_ENV = "MRISUPERRES_ATTENTION"
 
 
 def _classes():
@@ -55,9 +58,12 @@ def _with_fused_attention(cls, kwargs: dict) -> dict:
     its middle block, so a 64^3 patch (16^3 = 4096 tokens there) made 1 GB of attention matrix per two patches
     and spent two thirds of its CPU time on it. torch's scaled_dot_product_attention computes the same softmax
     attention in blocks (on the CPU too), with the same parameters, so weights and results do not change.
+    `bench --speedups` measures it.
     """
     import inspect
 
+    if os.environ.get(ATTENTION_ENV, "").strip().lower() == "explicit":
+        return kwargs
     if "use_flash_attention" not in kwargs and "use_flash_attention" in inspect.signature(cls).parameters:
         kwargs = dict(kwargs, use_flash_attention=True)
     return kwargs

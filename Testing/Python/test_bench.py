@@ -114,3 +114,18 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
     assert sorted((r["case"], r.get("device") or "cpu", r["psnr_masked"]) for r in rows_now) == [
         ("mni152", "cpu", 21.5), ("mni152", "cuda:0", 23.0), ("synthetic-1", "cpu", 22.0)]
     load_prior("gate-ldm")  # the card still verifies against its weights
+
+
+def test_speedups_are_measured_against_the_plain_run_and_keep_the_result(tmp_path):
+    from MRISuperResLib.bench import speedups
+
+    configs = [("plain", False, False), ("both (default)", True, True)]
+    rows = speedups.run(str(tmp_path), "cpu", samples=1, shape=(32, 32, 32), configs=configs)
+    assert [r["config"] for r in rows] == ["plain", "both (default)"]
+    assert rows[0]["x_plain_time"] == 1.0 and rows[1]["x_plain_time"] > 0
+    assert all(r["peak_ram_mb"] > 100 and r["seconds"] > 0 for r in rows)
+    # the speed-ups may not change the answer beyond float rounding
+    assert rows[1]["max_abs_diff_vs_plain"] < 1e-4 * rows[1]["output_range"]
+    assert not any(n.endswith(".npy") for n in os.listdir(str(tmp_path)))
+    table = speedups.markdown(rows)
+    assert table.count("\n") == 3 and "| both (default) | yes | yes |" in table

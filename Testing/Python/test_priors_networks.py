@@ -69,7 +69,10 @@ def _attention_flags(net):
     return [m.use_flash_attention for m in net.modules() if hasattr(m, "use_flash_attention")]
 
 
-def test_attention_runs_fused_unless_the_card_says_otherwise():
+def test_attention_runs_fused_unless_the_card_or_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.setenv(networks.ATTENTION_ENV, "explicit")
+    assert not any(_attention_flags(_small_unet()))
+    monkeypatch.delenv(networks.ATTENTION_ENV)
     fused, explicit = _small_unet(), _small_unet(use_flash_attention=False)
     assert _attention_flags(fused) and all(_attention_flags(fused))
     assert _attention_flags(explicit) and not any(_attention_flags(explicit))
