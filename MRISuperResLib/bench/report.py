@@ -81,6 +81,19 @@ def gate_summary(rows, gate, target_db) -> dict:
     return out
 
 
+def prune_runs(gate: dict) -> dict:
+    """The gate without runs whose rows were all replaced since: they no longer describe anything in the card.
+
+    Rows keep pointing at their own run (indexes renumbered). Rows from before runs were numbered keep all runs.
+    """
+    rows, runs = gate.get("rows", []), gate.get("runs", [])
+    if not all(isinstance(r.get("run"), int) and 0 <= r["run"] < len(runs) for r in rows):
+        return gate
+    used = sorted({r["run"] for r in rows})
+    new = {old: n for n, old in enumerate(used)}
+    return dict(gate, runs=[runs[i] for i in used], rows=[dict(r, run=new[r["run"]]) for r in rows])
+
+
 def update_cards(rows, meta, gate, target_db):
     """Write the gate into each measured prior's model.json (the weights and their checksums are untouched)."""
     from ..priors.store import find_prior
@@ -104,8 +117,8 @@ def update_cards(rows, meta, gate, target_db):
 
         fresh = {key(i) for i in items}
         kept = [i for i in old.get("rows", []) if key(i) not in fresh]
-        card["quality_gate"] = {"target": "masked PSNR >= baseline + %g dB at 8 mm slice removal (4x k-space)"
-                                          % target_db, "runs": runs, "rows": kept + items}
+        card["quality_gate"] = prune_runs({"target": "masked PSNR >= baseline + %g dB at 8 mm slice removal "
+                                                    "(4x k-space)" % target_db, "runs": runs, "rows": kept + items})
         atomic_write_text(path, json.dumps(card, indent=1) + "\n")
         done.append(folder)
     return done

@@ -105,7 +105,9 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
         gate = json.load(fh)["quality_gate"]
     got = {(r["case"], r["meets_target"]) for r in gate["rows"]}
     assert got == {("synthetic-1", True), ("mni152", True)}  # the later mni152 run replaced the earlier row
-    assert len(gate["runs"]) == 3 and gate["rows"][-1]["run"] == 2
+    # the d2 run, its only row replaced, no longer describes anything in the card: dropped, rows renumbered
+    assert [r["date"] for r in gate["runs"]] == ["d1", "d3"]
+    assert {r["case"]: gate["runs"][r["run"]]["date"] for r in gate["rows"]} == {"synthetic-1": "d1", "mni152": "d3"}
     # a GPU run of the same rows sits beside the CPU ones instead of replacing them
     gpu = [dict(r, device="cuda:0") for r in rows("mni152", 23.0)]
     update_cards(gpu, dict(meta, command="bench --gate --device cuda", date="d4"), GATE, 1.0)
