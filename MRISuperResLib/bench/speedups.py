@@ -44,7 +44,6 @@ def child(spec_json: str) -> None:
     from ..volume import Volume
     from .cases import _crop, mni152_case
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     hr = _crop(mni152_case(quick=True).load(), 8, tuple(spec["shape"]))
     op_spec = OperatorSpec.make("slice-removal", 2, 8)
     op = op_spec.bind_hr(hr.grid.shape)

@@ -2,8 +2,8 @@
 
 Only MONAI core classes named in `CLASSES` can be built (a card cannot name arbitrary code); kwargs go to
 the constructor verbatim, except that attention runs through torch's fused kernel unless the card says
-`use_flash_attention: false` (see `_with_fused_attention`). Weights are safetensors, or `.pt`/`.pth` state dicts read with
-`torch.load(weights_only=True)`. Old monai-generative key layouts are converted with MONAI's own
+`use_flash_attention: false` (see `_with_fused_attention`). Weights are safetensors, or `.pt`/`.pth` state
+dicts read with `torch.load(weights_only=True)`. Old monai-generative key layouts are converted with MONAI's own
 `load_old_state_dict`.
 """
 
