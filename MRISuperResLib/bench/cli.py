@@ -87,6 +87,7 @@ def _speedups(args, dev):
     import json
     import os
 
+    from ..training.trainer import atomic_write_text
     from . import speedups
     from .runner import machine_description
 
@@ -95,10 +96,10 @@ def _speedups(args, dev):
     meta = {"machine": machine_description(dev), "command": "python -m MRISuperResLib " + " ".join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": round(time.time() - t0, 1)}
     table = speedups.markdown(rows)
-    with open(os.path.join(args.out, "speedups.json"), "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=1, default=str)
-    with open(os.path.join(args.out, "speedups.md"), "w") as fh:
-        fh.write(table + "\n\n%s, %s\n" % (meta["machine"], meta["date"]))
+    # written whole or not at all, like the other bench outputs
+    atomic_write_text(os.path.join(args.out, "speedups.json"),
+                      json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    atomic_write_text(os.path.join(args.out, "speedups.md"), table + "\n\n%s, %s\n" % (meta["machine"], meta["date"]))
     print(table)
     print("wrote %s and %s" % (os.path.join(args.out, "speedups.json"), os.path.join(args.out, "speedups.md")))
     return 0
