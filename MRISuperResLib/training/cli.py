@@ -141,7 +141,7 @@ def _synth_options(args, base=None):
 def _new_options(args, device):
     """Task options of a new run from the command line; (options, autoencoder module or None)."""
     from .autoencoder import DEFAULT_AE, AutoencoderTask
-    from .ldm import LDMTask, default_unet, load_autoencoder
+    from .ldm import LDMTask, autoencoder_provenance, default_unet, load_autoencoder
 
     if args.task in _PLUGINS:
         return _plugin(args.task)[0].new_options(args, _synth_options(args)), None
@@ -178,6 +178,7 @@ def _new_options(args, device):
     opts = LDMTask.default_options(ae_kwargs=ae_kwargs, synth=_synth_options(args, synth), network=unet,
                                    batch_size=args.batch_size or 1, pool=256 if args.pool is None else args.pool,
                                    conditioning=cond)
+    opts["autoencoder_training"] = autoencoder_provenance(args.autoencoder)
     return opts, ae
 
 
@@ -346,12 +347,15 @@ def export_run(task, run_dir, out, name=None, eval_count=4, title="", descriptio
                 "training seeds < 1000000; held-out metrics on seeds 1000000..%d" % (1_000_000 + eval_count - 1),
         "command": " && ".join(c for c in run.get("commands", [run.get("command", "")]) if c),
         "steps": steps, "held_out_metrics": metrics, "synth": run["options"].get("synth"),
-        "options": {k: v for k, v in run["options"].items() if k not in ("network", "autoencoder")},
+        "options": {k: v for k, v in run["options"].items()
+                    if k not in ("network", "autoencoder", "autoencoder_training")},
         "train": run["train"],
         "parameters": {role: count_parameters(m) for role, (_, m, _) in task.networks().items()},
         "weights": ("exponential moving average of the weights (decay %g)" % ckpt["average"]["decay"]
                     if ckpt and "average" in ckpt else "the last step's weights"),
     }
+    if run["options"].get("autoencoder_training"):
+        training["autoencoder"] = run["options"]["autoencoder_training"]
     from ..priors.card import sanitise_name
 
     out = os.path.abspath(out)

@@ -21,6 +21,7 @@ import torch
 from ..errors import InputError
 from .autoencoder import DEFAULT_AE, build_autoencoder, downsampling_factor, draw_train_seeds, synth_from_options
 from .synth import CONDITIONING_NAMES
+from .trainer import psnr
 
 DEFAULT_SCHEDULE = {"type": "scaled_linear_beta", "num_train_timesteps": 1000, "beta_start": 0.0015,
                     "beta_end": 0.0205, "prediction": "epsilon"}
@@ -79,6 +80,23 @@ def load_autoencoder(path, device="cpu"):
         return ae.to(device), kwargs, run["options"]["synth"]
     raise InputError("%s is neither a prior folder nor an autoencoder run folder." % path,
                      "Give --autoencoder a folder holding model.json or run.json.")
+
+
+def autoencoder_provenance(path) -> dict:
+    """How the autoencoder at `path` was trained, for the LDM's card: its own networks carry no training record."""
+    from .export import CARD, read_card
+    from .trainer import load_checkpoint, read_run
+
+    if os.path.exists(os.path.join(path, CARD)):
+        t = read_card(path).get("training") or {}
+        out = {"command": t.get("command", ""), "steps": t.get("steps")}
+        if (t.get("autoencoder") or {}).get("command"):
+            out = dict(t["autoencoder"])
+        return out
+    run = read_run(path)
+    ckpt = load_checkpoint(path, "cpu")
+    return {"command": " && ".join(c for c in run.get("commands", [run.get("command", "")]) if c),
+            "steps": int(ckpt["step"]) if ckpt else 0}
 
 
 class LDMTask:
@@ -186,9 +204,15 @@ class LDMTask:
         self.unet.eval()
         scale = self._scale()
         per_t = {int(t): 0.0 for t in timesteps}
+        ae_psnr, ae_brain = [], []  # the decoder bounds what the InverseSR methods can reach: worth a line
         for s in seeds:
             sample = self.synth.sample(s)
-            mu, _ = self.ae.encode(sample.image[None, None].to(self.device))
+            x = sample.image[None, None].to(self.device)
+            mu, _ = self.ae.encode(x)
+            recon = self.ae.decode(mu).clamp(0, 1)
+            m = sample.mask.to(self.device)
+            ae_psnr.append(psnr(recon, x))
+            ae_brain.append(psnr(recon[0, 0][m], x[0, 0][m]))
             z0 = mu * scale
             cond = sample.conditioning[None].to(self.device)
             gen = torch.Generator().manual_seed(int(s))
@@ -200,7 +224,9 @@ class LDMTask:
                 per_t[int(t)] += float(torch.mean((self._predict(zt, tt, cond) - eps) ** 2)) / max(len(seeds), 1)
         self.unet.train()
         return {"heldout_eps_mse": sum(per_t.values()) / len(per_t),
-                "heldout_eps_mse_by_t": {str(k): v for k, v in per_t.items()}, "heldout_count": len(seeds)}
+                "heldout_eps_mse_by_t": {str(k): v for k, v in per_t.items()}, "heldout_count": len(seeds),
+                "autoencoder_heldout_psnr_db": sum(ae_psnr) / max(len(ae_psnr), 1),
+                "autoencoder_heldout_psnr_brain_db": sum(ae_brain) / max(len(ae_brain), 1)}
 
     def networks(self) -> dict:
         return {"autoencoder": ("AutoencoderKL", self.ae, self.options["autoencoder"]),

@@ -201,6 +201,12 @@ def test_cli_train_resume_export(tmp_path, capsys):
     card = read_card(out)
     assert card["kind"] == "ldm" and set(card["networks"]) == {"autoencoder", "unet"}
     assert "--resume" in card["training"]["command"] and card["training"]["steps"] == 3
+    # The card says how its autoencoder was trained and how well it reconstructs held-out brains.
+    assert card["training"]["autoencoder"]["steps"] == 2
+    assert "train autoencoder" in card["training"]["autoencoder"]["command"]
+    assert "--patch 8 8 8" in card["training"]["autoencoder"]["command"]
+    assert 0 < card["training"]["held_out_metrics"]["autoencoder_heldout_psnr_db"] < 100
+    assert "autoencoder_training" not in card["training"]["options"]
     for entry in card["networks"].values():
         assert sha256_of(os.path.join(out, entry["weights"])) == entry["sha256"]
         load_network(out, entry)
