@@ -65,6 +65,13 @@ def draw_train_seeds(generator: torch.Generator, count: int, pool: int = 0):
     return [int(s) for s in torch.randint(0, top, (count,), generator=generator)]
 
 
+def reconstruction_scores(ae, x, mu, mask):
+    """(L1, PSNR, PSNR inside `mask`) of the autoencoder's decoding of the posterior mean `mu` against `x`."""
+    recon = ae.decode(mu).clamp(0, 1)
+    m = mask.to(x.device)
+    return float((recon - x).abs().mean()), psnr(recon, x), psnr(recon[0, 0][m], x[0, 0][m])
+
+
 class AutoencoderTask:
     name = "autoencoder"
 
@@ -154,11 +161,10 @@ class AutoencoderTask:
         for s in seeds:
             sample = self.synth.sample(s)
             x = sample.image[None, None].to(self.device)
-            recon = self.ae.decode(self.ae.encode(x)[0]).clamp(0, 1)
-            l1s.append(float((recon - x).abs().mean()))
-            psnrs.append(psnr(recon, x))
-            m = sample.mask.to(self.device)
-            brain.append(psnr(recon[0, 0][m], x[0, 0][m]))
+            l1, whole, inside = reconstruction_scores(self.ae, x, self.ae.encode(x)[0], sample.mask)
+            l1s.append(l1)
+            psnrs.append(whole)
+            brain.append(inside)
         self.ae.train()
         n = max(len(seeds), 1)
         return {"heldout_l1": sum(l1s) / n, "heldout_psnr_db": sum(psnrs) / n, "heldout_psnr_brain_db": sum(brain) / n,

@@ -331,7 +331,7 @@ def _reporter(args):
 def export_run(task, run_dir, out, name=None, eval_count=4, title="", description="", method_defaults=None):
     from .export import export_prior
     from .synth import split_seeds
-    from .trainer import count_parameters, exported_weights, load_checkpoint, read_run
+    from .trainer import command_line_of, count_parameters, exported_weights, load_checkpoint, read_run
 
     run = read_run(run_dir)
     ckpt = load_checkpoint(run_dir, "cpu")
@@ -345,7 +345,7 @@ def export_run(task, run_dir, out, name=None, eval_count=4, title="", descriptio
     training = {
         "data": "Synthetic T1-like brains from nilearn's MNI152 2009a template (MRISuperResLib.training.synth), "
                 "training seeds < 1000000; held-out metrics on seeds 1000000..%d" % (1_000_000 + eval_count - 1),
-        "command": " && ".join(c for c in run.get("commands", [run.get("command", "")]) if c),
+        "command": command_line_of(run),
         "steps": steps, "held_out_metrics": metrics, "synth": run["options"].get("synth"),
         "options": {k: v for k, v in run["options"].items()
                     if k not in ("network", "autoencoder", "autoencoder_training")},

@@ -19,9 +19,15 @@ from typing import Dict
 import torch
 
 from ..errors import InputError
-from .autoencoder import DEFAULT_AE, build_autoencoder, downsampling_factor, draw_train_seeds, synth_from_options
+from .autoencoder import (
+    DEFAULT_AE,
+    build_autoencoder,
+    downsampling_factor,
+    draw_train_seeds,
+    reconstruction_scores,
+    synth_from_options,
+)
 from .synth import CONDITIONING_NAMES
-from .trainer import psnr
 
 DEFAULT_SCHEDULE = {"type": "scaled_linear_beta", "num_train_timesteps": 1000, "beta_start": 0.0015,
                     "beta_end": 0.0205, "prediction": "epsilon"}
@@ -85,18 +91,15 @@ def load_autoencoder(path, device="cpu"):
 def autoencoder_provenance(path) -> dict:
     """How the autoencoder at `path` was trained, for the LDM's card: its own networks carry no training record."""
     from .export import CARD, read_card
-    from .trainer import load_checkpoint, read_run
+    from .trainer import command_line_of, load_checkpoint, read_run
 
     if os.path.exists(os.path.join(path, CARD)):
         t = read_card(path).get("training") or {}
-        out = {"command": t.get("command", ""), "steps": t.get("steps")}
-        if (t.get("autoencoder") or {}).get("command"):
-            out = dict(t["autoencoder"])
-        return out
-    run = read_run(path)
+        # An LDM prior's card describes its UNet's run; its autoencoder's own record sits beside it.
+        return dict(t["autoencoder"]) if t.get("autoencoder") else {"command": t.get("command", ""),
+                                                                       "steps": t.get("steps")}
     ckpt = load_checkpoint(path, "cpu")
-    return {"command": " && ".join(c for c in run.get("commands", [run.get("command", "")]) if c),
-            "steps": int(ckpt["step"]) if ckpt else 0}
+    return {"command": command_line_of(read_run(path)), "steps": int(ckpt["step"]) if ckpt else 0}
 
 
 class LDMTask:
@@ -209,10 +212,9 @@ class LDMTask:
             sample = self.synth.sample(s)
             x = sample.image[None, None].to(self.device)
             mu, _ = self.ae.encode(x)
-            recon = self.ae.decode(mu).clamp(0, 1)
-            m = sample.mask.to(self.device)
-            ae_psnr.append(psnr(recon, x))
-            ae_brain.append(psnr(recon[0, 0][m], x[0, 0][m]))
+            _, whole, inside = reconstruction_scores(self.ae, x, mu, sample.mask)
+            ae_psnr.append(whole)
+            ae_brain.append(inside)
             z0 = mu * scale
             cond = sample.conditioning[None].to(self.device)
             gen = torch.Generator().manual_seed(int(s))

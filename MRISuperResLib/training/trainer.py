@@ -372,6 +372,11 @@ def count_parameters(module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 
+def command_line_of(run: dict) -> str:
+    """The commands that made a run (first start and every resume), as one shell line."""
+    return " && ".join(c for c in run.get("commands", [run.get("command", "")]) if c)
+
+
 def psnr(x, ref, data_range=1.0) -> float:
     mse = float(torch.mean((x.float() - ref.float()) ** 2))
     return float("inf") if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
