@@ -94,10 +94,13 @@ def autoencoder_provenance(path) -> dict:
     from .trainer import command_line_of, load_checkpoint, read_run
 
     if os.path.exists(os.path.join(path, CARD)):
-        t = read_card(path).get("training") or {}
-        # An LDM prior's card describes its UNet's run; its autoencoder's own record sits beside it.
-        return dict(t["autoencoder"]) if t.get("autoencoder") else {"command": t.get("command", ""),
-                                                                       "steps": t.get("steps")}
+        card = read_card(path)
+        t = card.get("training") or {}
+        if t.get("autoencoder"):  # an LDM prior: its own command is the UNet's run, the autoencoder's sits beside it
+            return dict(t["autoencoder"])
+        if card.get("kind") == "autoencoder":
+            return {"command": t.get("command", ""), "steps": t.get("steps")}
+        return {"source": os.path.abspath(path), "note": "its card does not record how the autoencoder was trained"}
     ckpt = load_checkpoint(path, "cpu")
     return {"command": command_line_of(read_run(path)), "steps": int(ckpt["step"]) if ckpt else 0}
 

@@ -207,6 +207,15 @@ def test_cli_train_resume_export(tmp_path, capsys):
     assert "--patch 8 8 8" in card["training"]["autoencoder"]["command"]
     assert 0 < card["training"]["held_out_metrics"]["autoencoder_heldout_psnr_db"] < 100
     assert "autoencoder_training" not in card["training"]["options"]
+    # A new LDM run on this prior's autoencoder inherits that record, not the UNet run's command.
+    from MRISuperResLib.training.ldm import autoencoder_provenance
+
+    assert autoencoder_provenance(out) == card["training"]["autoencoder"]
+    older = tmp_path / "older"  # an LDM card written before the record existed: say so, do not guess
+    older.mkdir()
+    (older / CARD).write_text(json.dumps(dict(card, training={k: v for k, v in card["training"].items()
+                                                              if k != "autoencoder"})))
+    assert "does not record" in autoencoder_provenance(str(older))["note"]
     for entry in card["networks"].values():
         assert sha256_of(os.path.join(out, entry["weights"])) == entry["sha256"]
         load_network(out, entry)
