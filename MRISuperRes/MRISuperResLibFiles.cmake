@@ -64,4 +64,5 @@ set(MRISuperResLib_FILES
   MRISuperResLib/training/synth.py
   MRISuperResLib/training/trainer.py
   MRISuperResLib/training/vdm.py
+  MRISuperResLib/training/warmstart.py
   )

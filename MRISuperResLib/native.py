@@ -17,7 +17,7 @@ B = A's cubic B-spline upsampling; C the prior's region on G_n; M the LR samples
 4. x_n = w R x_p + (1 - w) B y with w = C shrunk by the smoothing's reach, Gaussian-smoothed (SMOOTH_MM): 1 on
    the brain, 0 outside C, so the prior counts only where the data constrained it, and elsewhere (skull, neck,
    outside the prior's box) the output is the B-spline interpolation; every method's output lies on the same
-   grid. With paste_observed, x_n <- x_n + A^+(y - A x_n).
+   grid. With paste_observed, x_n <- x_n + A^+(y - A x_n) (or the spread correction, paste_spread).
 
 The grid-agnostic methods (kspace-vdm, paired-ddpm) and the baselines never come here: they run on G_n as is.
 """
@@ -87,7 +87,7 @@ class PriorSpaceOperator(Composed):
     def upsample(self, y: torch.Tensor, method: str) -> torch.Tensor:
         return self.to_prior(self.outer.upsample(y, method))
 
-    def data_consistency(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def data_consistency(self, x: torch.Tensor, y: torch.Tensor, spread: str = "none") -> torch.Tensor:
         return x
 
     def describe(self) -> dict:
@@ -124,7 +124,7 @@ class NativeLink:
             self.info["samples_in_prior"] = round(float(mask.float().mean()), 4)
         return PriorSpaceOperator(op, self.resample, back, mask)
 
-    def back(self, x_p: torch.Tensor, extras: dict, op, y: torch.Tensor, paste: bool):
+    def back(self, x_p: torch.Tensor, extras: dict, op, y: torch.Tensor, paste: bool, spread: str = "none"):
         """Step 4 for the output and any per-voxel maps (e.g. uncertainty: w R e_p); unchanged without resampling."""
         if self.resample is None:
             return x_p, extras
@@ -132,7 +132,7 @@ class NativeLink:
             w = torch.as_tensor(self.weight, dtype=y.dtype, device=y.device)
             x = w * self.resample(x_p) + (1 - w) * op.upsample(y, "cubic")
             if paste:
-                x = op.data_consistency(x, y)
+                x = op.data_consistency(x, y, spread)
             return x, {k: w * self.resample(v) for k, v in extras.items()}
 
 

@@ -91,7 +91,8 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
     y = y.to(result.x.device)  # a solver may have fallen back to the CPU
     x, extras = result.x.detach().to(y.dtype), {k: v.detach().to(y.dtype) for k, v in result.extras.items()}
     if place is not None:
-        x, extras = place.back(x, extras, op, y, resolved.get("paste_observed", False))
+        x, extras = place.back(x, extras, op, y, resolved.get("paste_observed", False),
+                               resolved.get("paste_spread", "none"))
     desc = GENERATED_DESCRIPTION if m.generative else "MRISuperRes %s" % m.name
 
     def wrap(t):

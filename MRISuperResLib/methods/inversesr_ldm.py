@@ -17,6 +17,9 @@ from .registry import Setting, register
 SETTINGS = inversion.common_settings(iterations=200, lr=0.07) + [
     Setting("ddim_steps", "int", 46, "Steps of the deterministic DDIM chain (46: the paper's 991, 969, ..., 1).",
             min=1, max=1000),
+    Setting("strength", "float", 1.0, "How far up the noise schedule the chain starts: 1 the whole chain from "
+            "pure noise (the paper); lower values start from a partly noised latent, which few DDIM steps invert "
+            "and regenerate faithfully (with init=invert).", min=0.01, max=1.0),
     Setting("optimise_conditioning", "bool", True, "Also fit the prior's conditioning values (e.g. age, sex)."),
     Setting("init", "choice", "random", "Starting noise: 'random' (the paper) or 'invert' (encode the interpolated "
             "input and run the DDIM chain backwards: starts near the input, so far fewer iterations are needed).",

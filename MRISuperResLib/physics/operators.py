@@ -167,6 +167,9 @@ class Operator:
             return {a: m.T for a, m in self.matrices().items()}
         if key == "A+":
             return {a: np.linalg.pinv(m) for a, m in self.matrices().items()}
+        if key.startswith("spread-"):  # U (A U)^+, U the interpolator: A U (A U)^+ = I, so the result is exact
+            ups = self._numpy(key[len("spread-"):])
+            return {a: ups[a] @ np.linalg.pinv(m @ ups[a]) for a, m in self.matrices().items()}
         build = _INTERPOLATORS[key]
         return {a: build(self.hr_shape[a], self.lr_shape[a], self.factors[a]) for a in self.axes}
 
@@ -201,9 +204,21 @@ class Operator:
             raise ValueError("unknown interpolation %r; choose from %s" % (method, sorted(_INTERPOLATORS)))
         return self._apply(y, self._torch(method, y), self.lr_shape)
 
-    def data_consistency(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Project x onto {x : A x = y}: x + A^+ (y - A x)."""
-        return x + self.dagger(y - self.forward(x))
+    def data_consistency(self, x: torch.Tensor, y: torch.Tensor, spread: str = "none") -> torch.Tensor:
+        """Make x reproduce y (A x = y) by adding a correction built from the residual r = y - A x.
+
+        spread "none": x + A^+ r, the orthogonal projection; for slice removal it changes only the observed
+        slices, so a generated volume that misses them shows stripes. "linear" or "cubic": x + U (A U)^+ r with U
+        that interpolator, the correction spread smoothly between the samples (iterative back-projection,
+        Irani & Peleg 1991); just as exact, and it carries a generator's smooth errors (bias, contrast) measured
+        at the samples into the voxels between them.
+        """
+        r = y - self.forward(x)
+        if spread == "none":
+            return x + self.dagger(r)
+        if spread not in _INTERPOLATORS:
+            raise ValueError("unknown spread %r; choose 'none' or one of %s" % (spread, sorted(_INTERPOLATORS)))
+        return x + self._apply(r, self._torch("spread-" + spread, x), self.lr_shape)
 
     def describe(self) -> dict:
         d = self.spec.describe()

@@ -70,22 +70,28 @@ class NoiseSchedule:
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000, stride: Optional[int] = None,
-                   offset: Optional[int] = None) -> List[int]:
+                   offset: Optional[int] = None, strength: float = 1.0) -> List[int]:
     """Descending timesteps of an N-step chain: offset + stride * (N-1), ..., offset.
 
-    Default stride spreads the chain from `offset` up to just below T; with N = 46 and T = 1000 this is
-    InverseSR's chain 991, 969, ..., 23, 1 (stride 22, offset 1).
+    Default stride spreads the chain from `offset` up to just below strength * T; with N = 46, T = 1000 and
+    strength 1 this is InverseSR's chain 991, 969, ..., 23, 1 (stride 22, offset 1). A strength below 1 starts
+    the chain from a partly noised latent (as diffusers' img2img does): few steps then still invert and
+    regenerate a latent closely, where a few long strides across the whole schedule do not.
     """
     n, big_t = int(steps), int(num_train_timesteps)
-    if not 1 <= n <= big_t:
-        raise InputError("DDIM steps must be between 1 and %d, got %d." % (big_t, n),
-                         "Use e.g. --set ddim_steps=46.")
+    if not 0.0 < float(strength) <= 1.0:
+        raise InputError("The chain's strength must be in (0, 1], got %g." % strength,
+                         "Use e.g. --set strength=0.3, or 1 for the whole chain.")
+    top = max(1, min(big_t - 1, int(round(float(strength) * (big_t - 1)))))
+    if not 1 <= n <= top + 1:
+        raise InputError("DDIM steps must be between 1 and %d, got %d." % (top + 1, n),
+                         "Use e.g. --set ddim_steps=%d." % min(46, top + 1))
     if n == 1:
-        return [big_t - 1]
+        return [top]
     if offset is None:
-        offset = 1 if n < big_t else 0
+        offset = 1 if n <= top else 0
     if stride is None:
-        stride = max(1, (big_t - 1 - offset) // (n - 1))
+        stride = max(1, (top - offset) // (n - 1))
     ts = [offset + stride * i for i in range(n)]
     if ts[-1] >= big_t or ts[0] < 0:
         raise InputError("DDIM chain %d..%d falls outside 0..%d." % (ts[0], ts[-1], big_t - 1), "")

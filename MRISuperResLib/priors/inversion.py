@@ -11,7 +11,8 @@ prior's field of view.
 3. repeat `iterations` times (Adam, learning rate `lr`):
        x = P^-1(G(w), f);  loss = data_weight * mean|A x - y_n| + perceptual_weight * mean|E(U A x) - E(U y_n)|
    with E the first blocks of the prior's own encoder (no downloaded network) and U linear upsampling.
-4. x = P^-1(G(w_last), f); optionally x <- x + A^+(y_n - A x) ("paste_observed"); return N^-1(x).
+4. x = P^-1(G(w_last), f); optionally x <- x + A^+(y_n - A x) ("paste_observed"), or with paste_spread=linear
+   x <- x + U (A U)^+ (y_n - A x), U linear interpolation (physics/operators.py); return N^-1(x).
 """
 
 import torch
@@ -107,7 +108,8 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
             return gen.decode(z)
     else:
         cond = None if gen.cond_default is None else gen.cond_default.to(dev).clone()
-        timesteps = ddim_timesteps(settings["ddim_steps"], prior.schedule.num_train_timesteps)
+        timesteps = ddim_timesteps(settings["ddim_steps"], prior.schedule.num_train_timesteps,
+                                   strength=settings.get("strength", 1.0))
         if settings.get("init", "random") == "invert":
             with torch.no_grad():
                 z = gen.invert(gen.encode(crop.to_prior(fill, background)[None, None]), cond, timesteps)
@@ -160,7 +162,7 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
     with torch.no_grad():
         x_hr = to_hr(synth())
         if settings.get("paste_observed", False):
-            x_hr = physics.data_consistency(x_hr, y_n)
+            x_hr = physics.data_consistency(x_hr, y_n, settings.get("paste_spread", "none"))
         x = imap.to_input(x_hr).float()
     info = {"prior": prior.name, "final_loss": loss_value, "estimate": est.to_json(),
             "fov_coverage": round(crop.covered_fraction(), 4),
@@ -194,6 +196,10 @@ def common_settings(iterations: int, lr: float) -> list:
         Setting("perceptual_weight", "float", 0.0, "Weight of a perceptual term on features of the prior's own "
                 "encoder (no downloaded network); 0 turns it off.", min=0.0),
         Setting("paste_observed", "bool", False, "Put the observed data back into the result (x + A^+(y - Ax))."),
+        Setting("paste_spread", "choice", "none", "How pasting treats the voxels between observed samples: 'none' "
+                "leaves them (only the samples change); 'linear' spreads the correction between samples, which "
+                "removes the generator's smooth errors and the stripes pasting alone leaves.",
+                choices=("none", "linear")),
         Setting("checkpointing", "bool", True, "Recompute activations in the backward pass to save memory."),
         SEED,
     ]

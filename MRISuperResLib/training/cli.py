@@ -41,6 +41,9 @@ def _log(msg):
 def _common(p):
     p.add_argument("--run-dir", required=True, help="Folder of this run (checkpoint, log, settings).")
     p.add_argument("--resume", action="store_true", help="Continue the run in --run-dir from its checkpoint.")
+    p.add_argument("--init-from", default=None, metavar="PRIOR",
+                   help="Start a new run from an exported prior's network (name or folder): its architecture and "
+                        "weights; the optimiser starts afresh. For continuing training when the run folder is gone.")
     p.add_argument("--steps", type=int, default=None, help="Total steps of the run (default 1000).")
     p.add_argument("--chunk-steps", type=int, default=None, help="Stop after this many steps in this invocation.")
     p.add_argument("--max-minutes", type=float, default=None, help="Stop and checkpoint after this long (default 9).")
@@ -235,6 +238,9 @@ def cmd_train(args):
     run_dir = os.path.abspath(args.run_dir)
     ckpt = os.path.join(run_dir, CHECKPOINT)
     ae = None
+    if args.resume and args.init_from:
+        raise InputError("--init-from starts a new run; %s is resumed from its own checkpoint." % args.run_dir,
+                         "Drop --init-from to resume, or give a new --run-dir to start from the prior.")
     if args.resume:
         run = read_run(run_dir)
         if run["task"] != args.task:
@@ -263,9 +269,18 @@ def cmd_train(args):
         config = TrainConfig(**train)
         torch.manual_seed(config.seed)
         options, ae = _new_options(args, device)
+        if args.init_from:
+            from .warmstart import options_from_prior
+
+            options = options_from_prior(args.task, options, args.init_from)
         commands = [_command_line(args)]
     torch.manual_seed(config.seed)  # initial weights depend only on the seed
     task = make_task(args.task, options, device, ae)
+    if not args.resume and options.get("init_from"):  # before the Trainer, whose weight average starts from them
+        from .warmstart import load_into
+
+        load_into(task, options)
+        _log("starting from prior '%s' (%s steps)" % (options["init_from"]["prior"], options["init_from"]["steps"]))
     trainer = Trainer(task, config, run_dir, device, report=_reporter(args), workers=args.workers)  # checks first
     os.makedirs(run_dir, exist_ok=True)
     write_run(run_dir, args.task, options, config)
@@ -348,12 +363,14 @@ def export_run(task, run_dir, out, name=None, eval_count=4, title="", descriptio
         "command": command_line_of(run),
         "steps": steps, "held_out_metrics": metrics, "synth": run["options"].get("synth"),
         "options": {k: v for k, v in run["options"].items()
-                    if k not in ("network", "autoencoder", "autoencoder_training")},
+                    if k not in ("network", "autoencoder", "autoencoder_training", "init_from")},
         "train": run["train"],
         "parameters": {role: count_parameters(m) for role, (_, m, _) in task.networks().items()},
         "weights": ("exponential moving average of the weights (decay %g)" % ckpt["average"]["decay"]
                     if ckpt and "average" in ckpt else "the last step's weights"),
     }
+    if run["options"].get("init_from"):  # where the weights started: the earlier prior and its training
+        training["init_from"] = {k: v for k, v in run["options"]["init_from"].items() if k != "folder"}
     if run["options"].get("autoencoder_training"):
         training["autoencoder"] = run["options"]["autoencoder_training"]
     from ..priors.card import sanitise_name

@@ -43,6 +43,32 @@ def test_dagger_is_right_inverse_and_projection(spec, shape):
     torch.testing.assert_close(op.forward(op.data_consistency(x, y)), y, atol=1e-8, rtol=1e-8)
 
 
+@pytest.mark.parametrize("spec, shape", list(itertools.product(SPECS, SHAPES)))
+def test_spread_consistency_is_exact(spec, shape):
+    op = _bind(*spec, shape)
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(op.lr_shape, generator=g, dtype=torch.float64)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    for spread in ("linear", "cubic"):
+        torch.testing.assert_close(op.forward(op.data_consistency(x, y, spread)), y, atol=1e-8, rtol=1e-8)
+
+
+def test_spread_consistency_carries_a_smooth_error_between_slices():
+    """A generator's smooth bias seen on the kept slices is removed everywhere, not only on those slices."""
+    op = _bind("slice-removal", 2, 4, (6, 6, 32))
+    k = torch.arange(32, dtype=torch.float64)
+    truth = torch.sin(k / 5.0).expand(6, 6, 32)
+    biased = truth + 0.3 + 0.01 * k  # smooth (linear) error
+    y = op.forward(truth)
+    pasted = op.data_consistency(biased, y)
+    spread = op.data_consistency(biased, y, "linear")
+    inner = slice(8, 24)  # away from the ends, where the boundary rule of the interpolator matters
+    assert float((pasted - truth)[..., inner].abs().max()) > 0.25  # the unobserved slices keep the bias
+    assert float((spread - truth)[..., inner].abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="spread"):
+        op.data_consistency(biased, y, "nearest")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_constants_keep_their_intensity(kind):
     """LR and HR intensities agree: a constant image degrades to the same constant."""

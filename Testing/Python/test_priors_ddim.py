@@ -76,3 +76,13 @@ def test_unknown_schedule_is_a_user_error():
         NoiseSchedule("quadratic")
     with pytest.raises(InputError, match="epsilon"):
         NoiseSchedule(prediction="v_prediction")
+
+
+def test_partial_strength_chain():
+    assert ddim_timesteps(4, 1000, strength=0.3) == [298, 199, 100, 1]
+    assert ddim_timesteps(1, 1000, strength=0.5) == [500]
+    assert ddim_timesteps(46, 1000, strength=1.0) == inversesr_timesteps()
+    with pytest.raises(InputError, match="strength"):
+        ddim_timesteps(4, 1000, strength=0.0)
+    with pytest.raises(InputError, match="between 1 and 11"):
+        ddim_timesteps(20, 1000, strength=0.01)

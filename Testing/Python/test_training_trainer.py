@@ -368,3 +368,50 @@ def test_workers_need_a_task_that_draws_without_its_network(tmp_path):
     assert main(["train", "paired", "--run-dir", str(folder), "--grid", "32", "32", "32", "--channels", "8", "16",
                  "--norm-groups", "4", "--patch", "16", "16", "16", "--device", "cpu", "--workers", "-1"]) == 2
     assert not folder.exists()  # nothing written for a run that never started
+
+
+def test_init_from_a_prior_starts_a_new_run_with_its_network(tmp_path, capsys):
+    """A lost run folder is no dead end: `--init-from PRIOR` takes the prior's architecture, weights (sha256 checked)
+    and, for a VDM, its gamma end points; the new run's card records where it started."""
+    from MRISuperResLib.cli import main
+    from MRISuperResLib.diffusion.vdm import tabulate
+
+    first, prior = str(tmp_path / "first"), str(tmp_path / "prior")
+    base = ["--grid", "32", "32", "32", "--crop", "16", "--batch-size", "2", "--threads", "1", "--device", "cpu"]
+    assert main(["train", "vdm", "--run-dir", first, "--steps", "2", "--channels", "8", "16", "--norm-groups", "4",
+                 "--export", prior, "--eval-count", "1", "--lr", "0.01"] + base) == 0
+    card = read_card(prior)
+    second = str(tmp_path / "second")
+    # no --channels: the architecture is the prior's, not the default 32-64-64
+    assert main(["train", "vdm", "--run-dir", second, "--steps", "1", "--lr", "1e-12", "--init-from", prior] + base) == 0
+    err = capsys.readouterr().err
+    assert "architecture comes from prior 'prior'" in err and "starting from prior 'prior'" in err
+    from MRISuperResLib.training.cli import make_task
+
+    run2 = read_run(second)
+    assert run2["options"]["network"]["channels"] == [8, 16]
+    task = make_task("vdm", run2["options"], "cpu")
+    start = load_checkpoint(second)  # one step at a vanishing learning rate: still the prior's weights
+    assert start["step"] == 1
+    task.unet.load_state_dict(start["modules"]["unet"])
+    ref = load_network(prior, card["networks"]["unet"])
+    for (k, a), (k2, b) in zip(sorted(task.unet.state_dict().items()), sorted(ref.state_dict().items())):
+        assert k == k2 and torch.allclose(a, b, atol=1e-8)
+    task.gamma.load_state_dict(start["modules"]["gamma"])
+    table = tabulate(task.gamma)
+    assert table[0] == pytest.approx(card["vdm"]["gamma_table"][0], abs=1e-5)
+    assert table[-1] == pytest.approx(card["vdm"]["gamma_table"][-1], abs=1e-4)
+    again = str(tmp_path / "again")
+    assert main(["train", "export", "--run-dir", second, "--out", again, "--eval-count", "0", "--device", "cpu"]) == 0
+    rec = read_card(again)["training"]
+    assert rec["init_from"]["prior"] == "prior" and rec["init_from"]["steps"] == 2 and rec["steps"] == 1
+    assert "--init-from" in rec["command"] and "init_from" not in rec["options"]
+    # a wrong kind of prior, --init-from with --resume, and a tampered weight file are clear errors
+    assert main(["train", "paired", "--run-dir", str(tmp_path / "p"), "--init-from", prior, "--device", "cpu"]) == 2
+    assert "is a vdm prior without" in capsys.readouterr().err
+    assert main(["train", "vdm", "--run-dir", second, "--resume", "--init-from", prior]) == 2
+    assert "--init-from starts a new run" in capsys.readouterr().err
+    with open(os.path.join(prior, card["networks"]["unet"]["weights"]), "ab") as f:
+        f.write(b"x")
+    assert main(["train", "vdm", "--run-dir", str(tmp_path / "third"), "--init-from", prior] + base) == 2
+    assert "sha256" in capsys.readouterr().err
