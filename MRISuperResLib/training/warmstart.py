@@ -51,11 +51,13 @@ def options_from_prior(task_name: str, options: dict, prior_ref: str) -> dict:
     out["network"] = net
     if task_name == "vdm":
         out["exponents"] = list(card["vdm"]["fourier_exponents"])
-    before = (card.get("training") or {}).get("options") or {}
+    training = card.get("training") or {}
+    if role == "autoencoder":  # an LDM card: its options are the UNet run's; the autoencoder has its own record
+        training = training.get("autoencoder") or {}
+    before = training.get("options") or {}
     for key in sorted(set(before) & set(out)):
         if key not in ("network", "init_from") and _plain(before[key]) != _plain(out[key]):
             _note("%s differs from the prior's training (%s there, %s here)" % (key, before[key], out[key]))
-    training = card.get("training") or {}
     out["init_from"] = {"prior": card["name"], "folder": folder, "role": role, "weights": spec["weights"],
                         "sha256": spec["sha256"], "steps": training.get("steps"), "command": training.get("command")}
     return out

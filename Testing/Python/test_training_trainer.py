@@ -225,6 +225,16 @@ def test_cli_train_resume_export(tmp_path, capsys):
 
     prior = load_prior(out, kind="ldm")
     assert prior.name == "prior" and prior.unet is not None and prior.autoencoder is not None
+    # Both of its networks can be trained further from it; the autoencoder's record is its own, not the UNet's.
+    capsys.readouterr()
+    for task, folder in (("autoencoder", "ae_more"), ("ldm", "ldm_more")):
+        extra = ["--autoencoder", out, "--pool", "2"] if task == "ldm" else ["--patch", "8", "8", "8"]
+        assert main(["train", task, "--run-dir", str(tmp_path / folder), "--steps", "1", "--init-from", out]
+                    + extra + base) == 0
+        start = read_run(str(tmp_path / folder))["options"]["init_from"]
+        assert start["steps"] == (2 if task == "autoencoder" else 3)
+        assert ("train autoencoder" if task == "autoencoder" else "train ldm") in start["command"]
+    assert "differs from the prior's training" not in capsys.readouterr().err
 
 
 def test_bad_settings_are_user_errors():
