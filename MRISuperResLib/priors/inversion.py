@@ -110,6 +110,10 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
         cond = None if gen.cond_default is None else gen.cond_default.to(dev).clone()
         timesteps = ddim_timesteps(settings["ddim_steps"], prior.schedule.num_train_timesteps,
                                    strength=settings.get("strength", 1.0))
+        if settings.get("strength", 1.0) < 1.0 and settings.get("init", "random") != "invert":
+            progress.warning("strength %g starts the chain part-way down the schedule, where the latent is mostly "
+                             "signal, but init=random starts it from pure noise; use --set init=invert."
+                             % settings["strength"])
         if settings.get("init", "random") == "invert":
             with torch.no_grad():
                 z = gen.invert(gen.encode(crop.to_prior(fill, background)[None, None]), cond, timesteps)

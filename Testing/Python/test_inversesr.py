@@ -63,6 +63,12 @@ def test_ldm_runs_through_the_pipeline_with_card_defaults(prior, tmp_path, monke
     again = super_resolve(lr, "inversesr-ldm", spec, None, p, "cpu", 4, Progress())
     assert np.array_equal(out.volume.array, again.volume.array)  # same seed, same result
     assert "AI" in out.volume.description or "generat" in out.volume.description.lower()
+    assert not [e for e in events if e["event"] == "warning" and "strength" in e["message"]]
+    # a partial chain started from pure noise is a mistake the run names, with the fix
+    events = []
+    super_resolve(lr, "inversesr-ldm", spec, {"strength": 0.3, "iterations": 1}, p, "cpu", 4, Progress(events.append))
+    warned = [e["message"] for e in events if e["event"] == "warning" and "strength" in e["message"]]
+    assert warned and "init=invert" in warned[0]
 
 
 def test_mni_sized_input_and_paste_observed(prior):
