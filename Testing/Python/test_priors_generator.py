@@ -75,22 +75,27 @@ def test_decode_matches_monai_decode(prior):
     assert z.grad is not None and z.grad.abs().sum() > 0
 
 
-def test_ddim_inversion_returns_to_the_start_with_an_exact_denoiser():
-    """For Gaussian latents N(0, s^2) the exact eps is linear in z_t; the chain run backwards then forwards must
-    come back to z_0 (up to the ODE discretisation), and the inverted z_T must look like noise (std ~ 1)."""
+def _exact_denoiser_generator(s2: float) -> LatentGenerator:
+    """A generator whose UNet is the exact eps of Gaussian latents N(0, s2): linear in z_t."""
     prior = synthetic.random_prior(synthetic.tiny_card(), seed=0)
     gen = LatentGenerator(prior, checkpointing=False)
-    s2 = 0.25
     ab = gen.alpha_bar.float()
     lc = gen.latent_shape[0]
 
     class ExactEps(torch.nn.Module):
         def forward(self, x, timesteps, context=None):
             a = ab[timesteps].view(-1, 1, 1, 1, 1)
-            z = x[:, :lc]
-            return (1 - a).sqrt() * z / (a * s2 + 1 - a)
+            return (1 - a).sqrt() * x[:, :lc] / (a * s2 + 1 - a)
 
     gen.unet = ExactEps()
+    return gen
+
+
+def test_ddim_inversion_returns_to_the_start_with_an_exact_denoiser():
+    """For Gaussian latents N(0, s^2) the exact eps is linear in z_t; the chain run backwards then forwards must
+    come back to z_0 (up to the ODE discretisation), and the inverted z_T must look like noise (std ~ 1)."""
+    s2 = 0.25
+    gen = _exact_denoiser_generator(s2)
     z0 = torch.randn((1,) + gen.latent_shape, generator=torch.Generator().manual_seed(1)) * s2 ** 0.5
     ts = ddim_timesteps(50, 1000)
     z_T = gen.invert(z0, gen.cond_default, ts)
@@ -102,18 +107,8 @@ def test_ddim_inversion_returns_to_the_start_with_an_exact_denoiser():
 def test_a_short_chain_inverts_faithfully_only_from_a_partial_strength():
     """Few DDIM steps across the whole schedule cannot undo their own inversion (the InverseSR(LDM) CPU default
     collapsed this way); the same steps over the lower part of the schedule (strength < 1) can."""
-    prior = synthetic.random_prior(synthetic.tiny_card(), seed=0)
-    gen = LatentGenerator(prior, checkpointing=False)
     s2 = 0.25
-    ab = gen.alpha_bar.float()
-    lc = gen.latent_shape[0]
-
-    class ExactEps(torch.nn.Module):
-        def forward(self, x, timesteps, context=None):
-            a = ab[timesteps].view(-1, 1, 1, 1, 1)
-            return (1 - a).sqrt() * x[:, :lc] / (a * s2 + 1 - a)
-
-    gen.unet = ExactEps()
+    gen = _exact_denoiser_generator(s2)
     z0 = torch.randn((1,) + gen.latent_shape, generator=torch.Generator().manual_seed(3)) * s2 ** 0.5
 
     def round_trip(strength):
