@@ -102,7 +102,11 @@ def autoencoder_provenance(path) -> dict:
             return {"command": t.get("command", ""), "steps": t.get("steps")}
         return {"source": os.path.abspath(path), "note": "its card does not record how the autoencoder was trained"}
     ckpt = load_checkpoint(path, "cpu")
-    return {"command": command_line_of(read_run(path)), "steps": int(ckpt["step"]) if ckpt else 0}
+    run = read_run(path)
+    out = {"command": command_line_of(run), "steps": int(ckpt["step"]) if ckpt else 0}
+    if run["options"].get("init_from"):  # where its weights started, which its command alone does not say
+        out["init_from"] = {k: v for k, v in run["options"]["init_from"].items() if k != "folder"}
+    return out
 
 
 class LDMTask:

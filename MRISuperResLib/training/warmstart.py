@@ -15,9 +15,10 @@ import torch
 
 from ..errors import InputError
 
-# kind of prior each task can start from, and the card role of the network it trains
-_SOURCES = {"autoencoder": ("ldm", "autoencoder"), "ldm": ("ldm", "unet"), "vdm": ("vdm", "unet"),
-            "paired": ("paired", "unet")}
+# kinds of prior each task can start from, and the card role of the network it trains; an autoencoder run
+# exports a prior of kind "autoencoder", so a later run can go on from that as well as from an LDM prior
+_SOURCES = {"autoencoder": (("ldm", "autoencoder"), "autoencoder"), "ldm": (("ldm",), "unet"),
+            "vdm": (("vdm",), "unet"), "paired": (("paired",), "unet")}
 
 
 def _note(msg):
@@ -26,19 +27,19 @@ def _note(msg):
 
 def options_from_prior(task_name: str, options: dict, prior_ref: str) -> dict:
     """`options` of a new run with the trained network replaced by the prior's; differences are noted."""
-    from ..priors.card import read_card
     from ..priors.store import find_prior
 
     if task_name not in _SOURCES:
         raise InputError("train %s cannot start from a prior." % task_name,
                          "Use --init-from with %s." % ", ".join(sorted(_SOURCES)))
-    kind, role = _SOURCES[task_name]
+    kinds, role = _SOURCES[task_name]
     folder = find_prior(prior_ref)
-    card = read_card(folder)
-    if card["kind"] != kind or role not in card["networks"]:
+    card = _read_card(folder)
+    if card["kind"] not in kinds or role not in card["networks"]:
         raise InputError("Prior '%s' is a %s prior without the %s that `train %s` trains."
                          % (card["name"], card["kind"], role, task_name),
-                         "Give a '%s' prior to --init-from (see `python -m MRISuperResLib models list`)." % kind)
+                         "Give a %s prior to --init-from (see `python -m MRISuperResLib models list`)."
+                         % " or ".join("'%s'" % k for k in kinds))
     spec = card["networks"][role]
     if not str(spec.get("weights", "")).endswith(".safetensors") or not spec.get("sha256"):
         raise InputError("The %s of prior '%s' is not a checksummed safetensors file." % (role, card["name"]),
@@ -52,7 +53,7 @@ def options_from_prior(task_name: str, options: dict, prior_ref: str) -> dict:
     if task_name == "vdm":
         out["exponents"] = list(card["vdm"]["fourier_exponents"])
     training = card.get("training") or {}
-    if role == "autoencoder":  # an LDM card: its options are the UNet run's; the autoencoder has its own record
+    if role == "autoencoder" and card["kind"] == "ldm":  # its options are the UNet run's; the autoencoder's sit beside
         training = training.get("autoencoder") or {}
     before = training.get("options") or {}
     for key in sorted(set(before) & set(out)):
@@ -60,16 +61,17 @@ def options_from_prior(task_name: str, options: dict, prior_ref: str) -> dict:
             _note("%s differs from the prior's training (%s there, %s here)" % (key, before[key], out[key]))
     out["init_from"] = {"prior": card["name"], "folder": folder, "role": role, "weights": spec["weights"],
                         "sha256": spec["sha256"], "steps": training.get("steps"), "command": training.get("command")}
+    if training.get("init_from"):  # the prior itself went on from another: keep the whole lineage
+        out["init_from"]["earlier"] = training["init_from"]
     return out
 
 
 def load_into(task, options: dict) -> None:
     """Put the recorded prior's weights into the task's trained network (and a VDM's gamma end points)."""
-    from ..priors.card import read_card
     from ..priors.networks import file_digest, read_state_dict
 
     src = options["init_from"]
-    card = read_card(src["folder"])
+    card = _read_card(src["folder"])
     path = os.path.join(src["folder"], src["weights"])
     if file_digest(path) != src["sha256"] or card["networks"][src["role"]]["sha256"] != src["sha256"]:
         raise InputError("%s changed since this run was set up (sha256 differs from the card's)." % path,
@@ -88,6 +90,16 @@ def load_into(task, options: dict) -> None:
         with torch.no_grad():
             task.gamma.gamma_0.fill_(lo)
             task.gamma.log_span.fill_(math.log(hi - lo))
+
+
+def _read_card(folder: str) -> dict:
+    """The card of a prior, or of an exported autoencoder: not a prior the methods run, so the store's
+    checks (which know only method-ready kinds) do not apply to it."""
+    from ..priors.card import read_card
+    from .export import read_card as read_exported
+
+    card = read_exported(folder)
+    return card if card.get("kind") == "autoencoder" else read_card(folder)
 
 
 def _plain(v):

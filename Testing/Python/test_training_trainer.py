@@ -425,3 +425,29 @@ def test_init_from_a_prior_starts_a_new_run_with_its_network(tmp_path, capsys):
         f.write(b"x")
     assert main(["train", "vdm", "--run-dir", str(tmp_path / "third"), "--init-from", prior] + base) == 2
     assert "sha256" in capsys.readouterr().err
+
+
+def test_an_exported_autoencoder_starts_a_new_autoencoder_run(tmp_path, capsys):
+    """`train autoencoder` exports a prior of kind 'autoencoder'; --init-from takes that as well as an LDM prior,
+    so a longer run (on another machine, with other patches or batches) goes on from the exported weights."""
+    from MRISuperResLib.cli import main
+
+    first, prior, second = (str(tmp_path / n) for n in ("first", "prior", "second"))
+    base = ["--grid", "32", "32", "32", "--patch", "16", "16", "16", "--threads", "1", "--device", "cpu"]
+    assert main(["train", "autoencoder", "--run-dir", first, "--steps", "2", "--channels", "4", "8",
+                 "--norm-groups", "4", "--export", prior, "--eval-count", "1", "--lr", "0.01"] + base) == 0
+    card = read_card(prior)
+    assert card["kind"] == "autoencoder"
+    assert main(["train", "autoencoder", "--run-dir", second, "--steps", "1", "--lr", "1e-12", "--batch-size", "2",
+                 "--init-from", prior] + base) == 0
+    assert "starting from prior 'prior'" in capsys.readouterr().err
+    run2 = read_run(second)
+    assert run2["options"]["network"]["channels"] == [4, 8] and run2["options"]["batch_size"] == 2
+    start = load_checkpoint(second)["modules"]["autoencoder"]
+    ref = load_network(prior, card["networks"]["autoencoder"]).state_dict()
+    assert sorted(start) == sorted(ref)
+    assert all(torch.allclose(start[k], ref[k], atol=1e-8) for k in ref)
+    # an autoencoder prior holds no UNet: `train ldm` cannot start from it
+    assert main(["train", "ldm", "--run-dir", str(tmp_path / "l"), "--autoencoder", prior, "--init-from", prior,
+                 "--device", "cpu"]) == 2
+    assert "is a autoencoder prior without the unet" in capsys.readouterr().err
