@@ -36,8 +36,9 @@ def options_from_prior(task_name: str, options: dict, prior_ref: str) -> dict:
     folder = find_prior(prior_ref)
     card = _read_card(folder)
     if card["kind"] not in kinds or role not in card["networks"]:
-        raise InputError("Prior '%s' is a %s prior without the %s that `train %s` trains."
-                         % (card["name"], card["kind"], role, task_name),
+        article = "an" if str(card["kind"])[:1] in "aeiou" else "a"
+        raise InputError("Prior '%s' is %s %s prior without the %s that `train %s` trains."
+                         % (card["name"], article, card["kind"], role, task_name),
                          "Give a %s prior to --init-from (see `python -m MRISuperResLib models list`)."
                          % " or ".join("'%s'" % k for k in kinds))
     spec = card["networks"][role]
@@ -95,11 +96,13 @@ def load_into(task, options: dict) -> None:
 def _read_card(folder: str) -> dict:
     """The card of a prior, or of an exported autoencoder: not a prior the methods run, so the store's
     checks (which know only method-ready kinds) do not apply to it."""
-    from ..priors.card import read_card
+    from ..priors.card import CARD_FILE, check_card
     from .export import read_card as read_exported
 
     card = read_exported(folder)
-    return card if card.get("kind") == "autoencoder" else read_card(folder)
+    if card.get("kind") != "autoencoder":
+        check_card(card, os.path.join(folder, CARD_FILE))
+    return card
 
 
 def _plain(v):

@@ -450,4 +450,10 @@ def test_an_exported_autoencoder_starts_a_new_autoencoder_run(tmp_path, capsys):
     # an autoencoder prior holds no UNet: `train ldm` cannot start from it
     assert main(["train", "ldm", "--run-dir", str(tmp_path / "l"), "--autoencoder", prior, "--init-from", prior,
                  "--device", "cpu"]) == 2
-    assert "is a autoencoder prior without the unet" in capsys.readouterr().err
+    assert "is an autoencoder prior without the unet" in capsys.readouterr().err
+    # a run from a prior that itself started from another keeps the whole lineage
+    again, third = str(tmp_path / "again"), str(tmp_path / "third")
+    assert main(["train", "export", "--run-dir", second, "--out", again, "--eval-count", "0", "--device", "cpu"]) == 0
+    assert main(["train", "autoencoder", "--run-dir", third, "--steps", "1", "--init-from", again] + base) == 0
+    lineage = read_run(third)["options"]["init_from"]
+    assert lineage["steps"] == 1 and lineage["earlier"]["prior"] == "prior" and lineage["earlier"]["steps"] == 2
