@@ -369,8 +369,10 @@ def export_run(task, run_dir, out, name=None, eval_count=4, title="", descriptio
         "weights": ("exponential moving average of the weights (decay %g)" % ckpt["average"]["decay"]
                     if ckpt and "average" in ckpt else "the last step's weights"),
     }
-    if run["options"].get("init_from"):  # where the weights started: the earlier prior and its training
-        training["init_from"] = {k: v for k, v in run["options"]["init_from"].items() if k != "folder"}
+    if run["options"].get("init_from"):
+        from .warmstart import init_from_record
+
+        training["init_from"] = init_from_record(run["options"])
     if run["options"].get("autoencoder_training"):
         training["autoencoder"] = run["options"]["autoencoder_training"]
     from ..priors.card import sanitise_name

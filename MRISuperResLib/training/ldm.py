@@ -92,6 +92,7 @@ def autoencoder_provenance(path) -> dict:
     """How the autoencoder at `path` was trained, for the LDM's card: its own networks carry no training record."""
     from .export import CARD, read_card
     from .trainer import command_line_of, load_checkpoint, read_run
+    from .warmstart import init_from_record
 
     if os.path.exists(os.path.join(path, CARD)):
         card = read_card(path)
@@ -105,7 +106,7 @@ def autoencoder_provenance(path) -> dict:
     run = read_run(path)
     out = {"command": command_line_of(run), "steps": int(ckpt["step"]) if ckpt else 0}
     if run["options"].get("init_from"):  # where its weights started, which its command alone does not say
-        out["init_from"] = {k: v for k, v in run["options"]["init_from"].items() if k != "folder"}
+        out["init_from"] = init_from_record(run["options"])
     return out
 
 

@@ -93,6 +93,13 @@ def load_into(task, options: dict) -> None:
             task.gamma.log_span.fill_(math.log(hi - lo))
 
 
+def init_from_record(options: dict):
+    """Where a run's weights started, for its card (None for random weights): the prior and its training,
+    without this machine's folder."""
+    src = options.get("init_from")
+    return {k: v for k, v in src.items() if k != "folder"} if src else None
+
+
 def _read_card(folder: str) -> dict:
     """The card of a prior, or of an exported autoencoder: not a prior the methods run, so the store's
     checks (which know only method-ready kinds) do not apply to it."""
