@@ -4,6 +4,7 @@ Suited to low sparsity (e.g. 4 mm slices). Notation and steps: see priors/invers
 1. z_0 <- encoder mean of the interpolated input (init=encode) or N(0, I) (init=random, as in the paper)
 2. Adam on z_0 for `iterations` steps: loss = mean |A D(z_0) - y| (+ optional perceptual term)
 3. x = D(z_0), optionally with the observed data pasted back
+4. with samples = N > 1 (init=random), steps 1-3 from N starts; the output is the mean of the N results
 Defaults come from the prior's model card (the published prior: Adam, lr 0.07, 601 iterations).
 The pipeline hands it the operator in the prior's space (native.py): registered unless the input lies on its grid.
 """

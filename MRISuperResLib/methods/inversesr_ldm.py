@@ -2,11 +2,13 @@
 the deterministic DDIM chain and the decoder.
 
 Suited to high sparsity (e.g. 8 mm slices). Notation and steps: see priors/inversion.py and priors/ddim.py.
-1. z_T ~ N(0, I) (or, with init=invert, the DDIM inversion of the encoded interpolated input); c = the card's
-   default conditioning (0.5 each for the published prior)
+1. z_T ~ N(0, I) (or, with init=invert, the DDIM inversion of the encoded interpolated input; with init=noise,
+   that encoding noised to the chain's first timestep); c = the card's default conditioning (0.5 each for the
+   published prior)
 2. Adam on (z_T, c) for `iterations` steps: loss = mean |A D(DDIM(z_T, c)) - y| (+ optional perceptual term);
    c is clamped to [0, 1] after each step; every DDIM step and decoder block is checkpointed
 3. x = D(DDIM(z_T, c)), optionally with the observed data pasted back
+4. with samples = N > 1 (init=noise or random), steps 1-3 from N starts; the output is the mean of the N results
 With ddim_steps = 46 the chain is the paper's t = 991, 969, ..., 1.
 The pipeline hands it the operator in the prior's space (native.py): registered unless the input lies on its grid.
 """
@@ -21,9 +23,10 @@ SETTINGS = inversion.common_settings(iterations=200, lr=0.07) + [
             "pure noise (the paper); lower values start from a partly noised latent, which few DDIM steps invert "
             "and regenerate faithfully (with init=invert).", min=0.01, max=1.0),
     Setting("optimise_conditioning", "bool", True, "Also fit the prior's conditioning values (e.g. age, sex)."),
-    Setting("init", "choice", "random", "Starting noise: 'random' (the paper) or 'invert' (encode the interpolated "
-            "input and run the DDIM chain backwards: starts near the input, so far fewer iterations are needed).",
-            choices=("random", "invert")),
+    Setting("init", "choice", "random", "Starting noise: 'random' (the paper), 'invert' (encode the interpolated "
+            "input and run the DDIM chain backwards: starts near the input, so far fewer iterations are needed) or "
+            "'noise' (the encoded input noised to the chain's start, differently for each of several samples).",
+            choices=("random", "invert", "noise")),
 ]
 
 

@@ -7,12 +7,17 @@ w latent variables (z_0, or z_T and conditioning c); f = A^cubic-upsampled N(y),
 prior's field of view.
 
 1. y_n = N(y); check memory/time for the device (refuse with numbers if it cannot fit).
-2. w_0: z_0 = encoder mean of P(f) ("encode") or Gaussian noise ("random"); z_T Gaussian, c = card default.
+2. w_0: z_0 = encoder mean of P(f) ("encode") or Gaussian noise ("random"); z_T Gaussian ("random"), the DDIM
+   inversion of the encoded P(f) ("invert"), or the encoded P(f) noised to the chain's first timestep t_0,
+   sqrt(ab_t0) E(P(f)) + sqrt(1 - ab_t0) n with n Gaussian ("noise", as SDEdit starts); c = card default.
 3. repeat `iterations` times (Adam, learning rate `lr`):
        x = P^-1(G(w), f);  loss = data_weight * mean|A x - y_n| + perceptual_weight * mean|E(U A x) - E(U y_n)|
    with E the first blocks of the prior's own encoder (no downloaded network) and U linear upsampling.
 4. x = P^-1(G(w_last), f); optionally x <- x + A^+(y_n - A x) ("paste_observed"), or with paste_spread=linear
-   x <- x + U (A U)^+ (y_n - A x), U linear interpolation (physics/operators.py); return N^-1(x).
+   x <- x + U (A U)^+ (y_n - A x), U linear interpolation (physics/operators.py).
+5. Steps 2-4 run `samples` times from independently drawn starts; return N^-1 of their mean, and the std of the
+   N^-1(x) as the uncertainty. The fit is far from unique between the observed slices, so one fit is one guess;
+   their mean is closer to the truth in PSNR than any of them.
 """
 
 import torch
@@ -63,16 +68,29 @@ def run(mode: str, y, physics, prior, settings, progress, generator) -> SolveRes
 
 
 def _estimate(mode, prior, settings, device):
-    est = budget.estimate(prior.card, mode, device, settings["iterations"], settings.get("ddim_steps", 0),
-                          settings.get("checkpointing", True), weights_resident=prior.device == device)
+    est = budget.estimate(prior.card, mode, device, settings["iterations"] * settings.get("samples", 1),
+                          settings.get("ddim_steps", 0), settings.get("checkpointing", True),
+                          weights_resident=prior.device == device)
     budget.check_fits(est, "%s with prior '%s'" % (mode, prior.name))
     return est
 
 
+def _check_starts(settings) -> int:
+    n, init = int(settings.get("samples", 1)), settings.get("init", "random")
+    if n > 1 and init in ("encode", "invert"):
+        raise InputError("init=%s starts every sample from the same latent, so samples=%d would repeat one fit."
+                         % (init, n), "Use --set init=%s to average %d fits from different starts, or --set samples=1."
+                         % ("noise" if init == "invert" else "random", n))
+    return n
+
+
 def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
+    n_samples = _check_starts(settings)
     dev = y.device
     est = _estimate(mode, prior, settings, dev)
-    progress(0, settings["iterations"], "estimated %s" % est.describe())
+    iters = settings["iterations"]
+    total = iters * n_samples
+    progress(0, total, "estimated %s" % est.describe())
     if est.total_seconds > LONG_RUN_S:
         progress.warning("This run is estimated to take %s on %s; fewer iterations (--set iterations=N) or a GPU "
                          "shorten it." % (budget.duration(est.total_seconds), dev))
@@ -89,54 +107,87 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
     y_n = imap.to_prior(y.float())
     fill = physics.upsample(y_n, "cubic")
     background = float(imap.r0)
-
-    # 2. the variables
-    shape = (1,) + gen.latent_shape
-    if mode == "inversesr-decoder":
-        if settings.get("init", "random") == "encode":
-            with torch.no_grad():
-                z = gen.encode(crop.to_prior(fill, background)[None, None])
-            if tuple(z.shape) != shape:
-                raise InputError("The prior's encoder gives latents of shape %s, its card says %s."
-                                 % (tuple(z.shape), shape), "Fix 'latent.shape' in the model card.")
-        else:
-            z = torch.randn(shape, generator=generator).to(dev)
-        z = z.detach().requires_grad_(True)
-        variables, cond, timesteps = [z], None, None
-
-        def synth():
-            return gen.decode(z)
-    else:
-        cond = None if gen.cond_default is None else gen.cond_default.to(dev).clone()
+    timesteps = None
+    if mode == "inversesr-ldm":
         timesteps = ddim_timesteps(settings["ddim_steps"], prior.schedule.num_train_timesteps,
                                    strength=settings.get("strength", 1.0))
-        if settings.get("strength", 1.0) < 1.0 and settings.get("init", "random") != "invert":
+        if settings.get("strength", 1.0) < 1.0 and settings.get("init", "random") == "random":
             progress.warning("strength %g starts the chain part-way down the schedule, where the latent is mostly "
-                             "signal, but init=random starts it from pure noise; use --set init=invert."
-                             % settings["strength"])
-        if settings.get("init", "random") == "invert":
-            with torch.no_grad():
-                z = gen.invert(gen.encode(crop.to_prior(fill, background)[None, None]), cond, timesteps)
-        else:
-            z = torch.randn(shape, generator=generator).to(dev)
-        z = z.detach().requires_grad_(True)
-        variables = [z]
-        if cond is not None and settings.get("optimise_conditioning", True):
-            cond.requires_grad_(True)
-            variables.append(cond)
-
-        def synth():
-            return gen(z, cond, timesteps)
+                             "signal, but init=random starts it from pure noise; use --set init=invert (or "
+                             "init=noise to average several samples)." % settings["strength"])
+    encoded = None
+    if settings.get("init", "random") in ("encode", "invert", "noise"):
+        with torch.no_grad():
+            encoded = gen.encode(crop.to_prior(fill, background)[None, None])
+        if tuple(encoded.shape[1:]) != gen.latent_shape:
+            raise InputError("The prior's encoder gives latents of shape %s, its card says %s."
+                             % (tuple(encoded.shape), (1,) + gen.latent_shape), "Fix 'latent.shape' in the model card.")
 
     def to_hr(x_p):
         return crop.to_hr(x_p[0, 0], fill)
 
     encoder_feats = _perceptual(gen, crop, background) if settings.get("perceptual_weight", 0.0) > 0 else None
+    target_feats = None
     if encoder_feats is not None:
         with torch.no_grad():
             target_feats = encoder_feats(physics.upsample(y_n, "linear"))
 
-    # 3. fit
+    mean = m2 = None
+    loss_value, conds = float("nan"), []
+    for s in range(n_samples):
+        z, cond, synth = _start(mode, gen, settings, encoded, timesteps, generator, dev)
+        loss_value = _fit(z, cond, synth, to_hr, physics, y_n, settings, encoder_feats, target_feats, progress,
+                          s, n_samples)
+        with torch.no_grad():
+            x_hr = to_hr(synth())
+            if settings.get("paste_observed", False):
+                x_hr = physics.data_consistency(x_hr, y_n, settings.get("paste_spread", "none"))
+            x = imap.to_input(x_hr).float()
+        # Welford's running mean and sum of squared deviations: two volumes, whatever the sample count
+        if mean is None:
+            mean, m2 = x, torch.zeros_like(x)
+        else:
+            delta = x - mean
+            mean = mean + delta / (s + 1)
+            m2 = m2 + delta * (x - mean)
+        if cond is not None:
+            conds.append(cond.detach())
+    extras = {"uncertainty": (m2 / (n_samples - 1)).sqrt()} if n_samples > 1 else {}
+    info = {"prior": prior.name, "final_loss": loss_value, "estimate": est.to_json(), "samples": n_samples,
+            "fov_coverage": round(crop.covered_fraction(), 4),
+            "intensity_map": {"lo": imap.lo, "hi": imap.hi, "range": [imap.r0, imap.r1]}}
+    if conds:
+        c = torch.stack(conds).mean(0)
+        info["conditioning"] = dict(zip(card["conditioning"]["names"], [round(float(v), 4) for v in c]))
+    return SolveResult(mean, extras, info)
+
+
+def _start(mode, gen, settings, encoded, timesteps, generator, dev):
+    """Step 2: the variables of one sample and the function that makes its image."""
+    shape = (1,) + gen.latent_shape
+    init = settings.get("init", "random")
+    if mode == "inversesr-decoder":
+        z = encoded.clone() if init == "encode" else torch.randn(shape, generator=generator).to(dev)
+        z.requires_grad_(True)
+        return z, None, lambda: gen.decode(z)
+    cond = None if gen.cond_default is None else gen.cond_default.to(dev).clone()
+    if init == "invert":
+        with torch.no_grad():
+            z = gen.invert(encoded, cond, timesteps)
+    elif init == "noise":
+        ab = float(gen.alpha_bar[timesteps[0]])
+        z = ab ** 0.5 * encoded + (1.0 - ab) ** 0.5 * torch.randn(shape, generator=generator).to(dev)
+    else:
+        z = torch.randn(shape, generator=generator).to(dev)
+    z = z.detach().requires_grad_(True)
+    if cond is not None and settings.get("optimise_conditioning", True):
+        cond.requires_grad_(True)
+    return z, cond, lambda: gen(z, cond, timesteps)
+
+
+def _fit(z, cond, synth, to_hr, physics, y_n, settings, encoder_feats, target_feats, progress, sample, n_samples):
+    """Step 3 for one sample; returns its last loss."""
+    variables = [z] + ([cond] if cond is not None and cond.requires_grad else [])
     opt = torch.optim.Adam(variables, lr=settings["lr"])
     iters = settings["iterations"]
     loss_value = float("nan")
@@ -160,20 +211,11 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
             with torch.no_grad():
                 cond.clamp_(0.0, 1.0)
         loss_value = float(loss.detach())
-        progress(it + 1, iters, "iteration %d/%d" % (it + 1, iters), loss=round(loss_value, 6), **extra)
-
-    # 4. the result
-    with torch.no_grad():
-        x_hr = to_hr(synth())
-        if settings.get("paste_observed", False):
-            x_hr = physics.data_consistency(x_hr, y_n, settings.get("paste_spread", "none"))
-        x = imap.to_input(x_hr).float()
-    info = {"prior": prior.name, "final_loss": loss_value, "estimate": est.to_json(),
-            "fov_coverage": round(crop.covered_fraction(), 4),
-            "intensity_map": {"lo": imap.lo, "hi": imap.hi, "range": [imap.r0, imap.r1]}}
-    if cond is not None:
-        info["conditioning"] = dict(zip(card["conditioning"]["names"], [round(float(v), 4) for v in cond.detach()]))
-    return SolveResult(x, info=info)
+        label = "iteration %d/%d" % (it + 1, iters)
+        if n_samples > 1:
+            label = "sample %d/%d, %s" % (sample + 1, n_samples, label)
+        progress(sample * iters + it + 1, iters * n_samples, label, loss=round(loss_value, 6), **extra)
+    return loss_value
 
 
 def _perceptual(gen: LatentGenerator, crop: CropPad, background: float):
@@ -204,6 +246,8 @@ def common_settings(iterations: int, lr: float) -> list:
                 "leaves them (only the samples change); 'linear' spreads the correction between samples, which "
                 "removes the generator's smooth errors and the stripes pasting alone leaves.",
                 choices=("none", "linear")),
+        Setting("samples", "int", 1, "Fits from independently drawn starts (init=noise or random); the output is "
+                "their mean, their std the uncertainty.", min=1, max=1000),
         Setting("checkpointing", "bool", True, "Recompute activations in the backward pass to save memory."),
         SEED,
     ]

@@ -162,3 +162,39 @@ def test_long_runs_are_announced(prior, monkeypatch):
     m.solve(torch.rand(16, 16, 8), op, prior, m.resolve_settings({"iterations": 1}), Progress(events.append),
             torch.Generator())
     assert any(e["event"] == "warning" and "estimated to take" in e["message"] for e in events)
+
+
+def test_samples_average_fits_from_independent_starts(prior):
+    # samples=2 must be the mean of the two single fits its starts give, and their std the uncertainty
+    hr_shape = (16, 16, 16)
+    y_hr = 50 + 200 * torch.rand(hr_shape, generator=torch.Generator().manual_seed(3))
+    op = OperatorSpec.make("slice-removal", 2, 2).bind_hr(hr_shape)
+    y = op.forward(y_hr)
+    m = get_method("inversesr-ldm")
+    base = {"iterations": 2, "ddim_steps": 2, "strength": 0.3, "init": "noise", "checkpointing": False,
+            "paste_observed": True}
+    events = []
+    both = m.solve(y, op, prior, m.resolve_settings(dict(base, samples=2)), Progress(events.append),
+                   torch.Generator().manual_seed(7))
+    first = m.solve(y, op, prior, m.resolve_settings(base), Progress(), torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    torch.randn((1,) + tuple(prior.card["latent"]["shape"]), generator=g)  # the first sample's draw
+    second = m.solve(y, op, prior, m.resolve_settings(base), Progress(), g)
+    assert float((first.x - second.x).abs().max()) > 1e-3  # different starts, different fits
+    assert torch.allclose(both.x, (first.x + second.x) / 2, atol=1e-4)
+    assert torch.allclose(both.extras["uncertainty"], (first.x - second.x).abs() / 2 ** 0.5, atol=1e-4)
+    assert "uncertainty" not in first.extras and both.info["samples"] == 2
+    assert torch.allclose(op.forward(both.x), y, atol=1e-3)  # each sample pasted, so the mean is consistent
+    steps = [e for e in events if e["event"] == "progress" and e["step"] > 0]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4] and steps[-1]["total"] == 4
+    assert "sample 2/2" in steps[-1]["message"]
+
+
+def test_samples_from_one_deterministic_start_are_refused(prior):
+    op = OperatorSpec.make("slice-removal", 2, 2).bind_hr((16, 16, 16))
+    for method, init, fix in (("inversesr-ldm", "invert", "init=noise"), ("inversesr-decoder", "encode", "init=random")):
+        m = get_method(method)
+        with pytest.raises(InputError, match="samples=3 would repeat one fit") as err:
+            m.solve(torch.rand(16, 16, 8), op, prior, m.resolve_settings({"init": init, "samples": 3}), Progress(),
+                    torch.Generator())
+        assert fix in err.value.fix
