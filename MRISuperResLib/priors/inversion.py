@@ -88,12 +88,10 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
     n_samples = _check_starts(settings)
     dev = y.device
     est = _estimate(mode, prior, settings, dev)
-    iters = settings["iterations"]
-    total = iters * n_samples
-    progress(0, total, "estimated %s" % est.describe())
+    progress(0, settings["iterations"] * n_samples, "estimated %s" % est.describe())
     if est.total_seconds > LONG_RUN_S:
-        progress.warning("This run is estimated to take %s on %s; fewer iterations (--set iterations=N) or a GPU "
-                         "shorten it." % (budget.duration(est.total_seconds), dev))
+        progress.warning("This run is estimated to take %s on %s; fewer iterations or samples (--set iterations=N, "
+                         "--set samples=N) or a GPU shorten it." % (budget.duration(est.total_seconds), dev))
     prior.to(dev)
     gen = LatentGenerator(prior, checkpointing=settings.get("checkpointing", True))
     card = prior.card
