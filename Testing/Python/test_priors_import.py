@@ -6,6 +6,7 @@ import zipfile
 
 import pytest
 import torch
+from conftest import assert_same_to_float32_rounding
 
 from MRISuperResLib.cli import main
 from MRISuperResLib.errors import InputError
@@ -62,7 +63,8 @@ def _same_outputs(prior, old):
     t, ctx = torch.tensor([321]), torch.rand(1, 1, 4, generator=g)
     with torch.no_grad():
         assert torch.equal(prior.autoencoder.decode(z), old["ae"].decode(z))
-        assert torch.allclose(prior.unet(x, t, context=ctx), old["unet"](x, t, context=ctx), atol=1e-6)
+        # fused attention (the store's build) against monai-generative's explicit attention
+        assert_same_to_float32_rounding(prior.unet(x, t, context=ctx), old["unet"](x, t, context=ctx))
         assert prior.unet(x, t, context=ctx).abs().max() > 1e-3
 
 
@@ -166,6 +168,7 @@ def test_monai_core_layout_files(tmp_path):
     t, ctx = torch.tensor([10]), torch.rand(1, 1, 4)
     with torch.no_grad():
         assert torch.equal(got.autoencoder.decode(z), prior.autoencoder.decode(z))
-        assert torch.equal(got.unet(x, t, context=ctx), prior.unet(x, t, context=ctx))
+        # the store builds attention fused, like random_prior; the two kernels may still sum in other orders
+        assert_same_to_float32_rounding(got.unet(x, t, context=ctx), prior.unet(x, t, context=ctx))
     with pytest.raises(InputError, match="Cannot tell which network"):
         import_model([paths[0], str(tmp_path / "autoencoder.pth")], published_card=card, published_md5=md5)
