@@ -20,6 +20,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/bench/runner.py
   MRISuperResLib/bench/speedups.py
   MRISuperResLib/diffusion/__init__.py
+  MRISuperResLib/diffusion/adapt.py
   MRISuperResLib/diffusion/cards.py
   MRISuperResLib/diffusion/cosine.py
   MRISuperResLib/diffusion/intensity.py

@@ -10,7 +10,7 @@
 """
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
 import numpy as np
@@ -83,6 +83,7 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
     for w in caught:
         progress.warning(str(w.message))
     out_grid = hr_grid(lr.grid, op)
+    op = replace(op, hr_spacing=out_grid.spacing)
     gen = torch.Generator(device="cpu").manual_seed(int(resolved.get("seed", seed or 0)))
     y = torch.as_tensor(lr.array, dtype=torch.float32, device=dev)
     place = native.link(out_grid, op, y, prior, registration, progress) if grid_bound else None

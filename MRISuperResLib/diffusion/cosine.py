@@ -20,7 +20,7 @@ orientation, and patches (sliding window, patches.py) keep a whole 1 mm brain wi
 """
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -161,13 +161,13 @@ HIGH_T_FROM = 0.9  # "high" timesteps: the last 10% of the schedule, where a sho
 
 
 def paired_loss(model: PairedModel, hr: torch.Tensor, up: torch.Tensor, cond: torch.Tensor,
-                generator: torch.Generator, high_t_fraction: float = 0.0):
+                generator: torch.Generator, high_t_fraction: float = 0.0, timesteps: Optional[Sequence[int]] = None):
     """MSE of the network's target (eps, or x0 for sample prediction) for HR patches hr and their upsampled
     inputs up (B, 1, *patch), both in [-1, 1].
 
     high_t_fraction: share of the draws taken from the last 10% of timesteps instead of all of them. A 1-step
     chain uses only its first x0 estimate, a plain regression of the residual from the upsampled input, which
-    uniform draws train in one step out of ten.
+    uniform draws train in one step out of ten. timesteps: draw t from these only (a known sampling chain's).
     """
     b, dev = hr.shape[0], hr.device
     ab = model.alpha_bar.to(dev, torch.float32)
@@ -176,6 +176,9 @@ def paired_loss(model: PairedModel, hr: torch.Tensor, up: torch.Tensor, cond: to
     if high_t_fraction > 0:
         high = torch.rand(b, generator=generator) < high_t_fraction
         t = torch.where(high, torch.randint(int(HIGH_T_FROM * n), n, (b,), generator=generator), t)
+    if timesteps is not None:
+        pool = torch.as_tensor(list(timesteps), dtype=torch.long)
+        t = pool[torch.randint(0, pool.numel(), (b,), generator=generator)]
     t = t.to(dev)
     eps = torch.randn(hr.shape, generator=generator).to(dev)
     x0 = (hr - up) / model.residual_scale

@@ -5,6 +5,7 @@ Notation: y the LR input, up = B-spline (cubic) upsampling of y onto the HR grid
 profile, factor per axis), x0 the residual (x - up) / residual_scale, ab the cosine bar-alpha (diffusion/cosine.py).
 
 1. scale y to [-1, 1] (robust percentiles); up = cubic B-spline of y on the HR grid; cond from the operator
+   with `adapt`: fine-tune a copy of the UNet on pairs made from the scan's own in-plane detail (diffusion/adapt.py)
 2. z ~ N(0, I) on the HR grid, `samples` chains side by side; with `mean_start`, z = 0 (one chain)
 3. for each (t, ab_t, ab_prev) of the `steps`-step DDIM chain:
    a. eps_hat = UNet([z, up, cond], t) over overlapping 3D patches, blended (diffusion/patches.py)
@@ -18,6 +19,7 @@ Its prior works on patches, not on one grid: it runs on the input's own HR grid,
 
 import torch
 
+from ..diffusion.adapt import ScanPairs, adapt, why_not_adaptable
 from ..diffusion.cosine import PairedModel, condition_of, ddim_step, sampling_pairs
 from ..diffusion.intensity import robust_scale
 from ..diffusion.patches import sliding_window
@@ -25,6 +27,7 @@ from ..errors import InputError, ResourceError
 from .registry import SEED, Setting, SolveResult, register
 
 AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
+ADAPT_SHARE = 0.5  # of the progress bar, for the fine-tuning when adapt is on (about half the time by default)
 
 SETTINGS = [
     Setting("steps", "int", 20, "DDIM sampling steps.", min=1, max=1000),
@@ -42,6 +45,14 @@ SETTINGS = [
             "raise it on a GPU).", min=1, max=1024),
     Setting("project", "bool", False, "Finish with a projection onto the measurement (A x = y exactly; may ring "
             "for thick-slice profiles)."),
+    Setting("adapt", "bool", False, "Learn from this scan before sampling: fine-tune a copy of the model on pairs "
+            "made by degrading the scan's own sharp in-plane slices the same way (thick-slice and slice-removal "
+            "scans whose in-plane spacing matches the output spacing). The shipped model is not changed."),
+    Setting("adapt_steps", "int", 300, "Most fine-tuning steps when adapt is on.", min=1, max=100000),
+    Setting("adapt_seconds", "float", 180.0, "Time budget of the fine-tuning in seconds (0: no limit; the steps "
+            "bound it).", min=0.0, max=86400.0),
+    Setting("adapt_lr", "float", 1e-4, "Learning rate of the fine-tuning.", min=1e-7, max=1e-1),
+    Setting("adapt_batch", "int", 4, "Patches per fine-tuning step.", min=1, max=256),
     SEED,
 ]
 
@@ -110,6 +121,20 @@ def solve(y, physics, prior, settings, progress, generator):
     dev, dtype = y.device, torch.float32
     net_dev = next(model.unet.parameters()).device
     pairs = sampling_pairs(steps, model.alpha_bar)
+    adapted = None
+    if settings.get("adapt"):
+        reason = why_not_adaptable(physics)
+        if reason:
+            progress.warning("Not learning from this scan: %s. Sampling with the prior as shipped." % reason)
+        else:
+            phase = progress.sub(0.0, ADAPT_SHARE)
+            with torch.no_grad():
+                volume = physics.upsample(scale.to_unit(y.to(dtype)), "cubic")
+            source = ScanPairs(volume, physics, model.patch, floor=AIR_LEVEL)
+            model, adapted = adapt(model, source, [t for t, _, _ in pairs], generator, int(settings["adapt_steps"]),
+                                   float(settings["adapt_seconds"]), float(settings["adapt_lr"]),
+                                   int(settings["adapt_batch"]), phase)
+            progress = progress.sub(ADAPT_SHARE, 1.0)  # made now, so the sampling ETA starts with sampling
     turn = _turn_to_trained_axis(prior, physics)
     cond = condition_of(physics)
     if turn is not None:
@@ -160,5 +185,5 @@ def solve(y, physics, prior, settings, progress, generator):
             extras["uncertainty"] = out.std(0)
     info = {"samples": n_samples, "patch": list(patch), "batch": batch, "axis_turned_to_k": turn,
             "intensity_scale": [scale.lo, scale.hi],
-            "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4)}
+            "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4), "adapted": adapted}
     return SolveResult(out.mean(0), extras, info)

@@ -147,6 +147,8 @@ class Operator:
     hr_shape: Tuple[int, int, int]
     lr_shape: Tuple[int, int, int]
     factors: Tuple[float, float, float]  # effective factors, used for sample positions
+    # mm per HR voxel when the run knows its grid (pipeline.py); a solver that learns from the scan needs it
+    hr_spacing: Optional[Tuple[float, float, float]] = None
     _cache: Dict = field(default_factory=dict, compare=False, repr=False)
 
     @property

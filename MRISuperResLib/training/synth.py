@@ -4,7 +4,8 @@ One seed -> one brain. Pseudo-code of `BrainSynth.sample(seed)`:
     1. draw every random number from `seed` (numpy for scalars, torch for fields)
     2. T(x) = c + A (x + u(x) - c) + t: small rotation/scaling + diffeomorphic flow (deform.py)
     3. sample template T1, GM, WM, brain mask and distance-to-brain at T(x) for the output points x
-    4. tissue model: GM, WM, CSF intensities (+ a share of the template's own T1), optional head shell
+    4. tissue model: GM, WM, CSF intensities (+ a share of the template's own T1, mapped to the same contrast),
+       optional head shell; `contrast` picks the tissue order (T1, T2, FLAIR, PD or random, see CONTRASTS)
     5. gamma contrast, low-order multiplicative bias field, scale so the 99.5th percentile is 1
     6. Rician noise, clip to [0, 1]
 
@@ -35,6 +36,15 @@ SEED_LIMIT = 2 ** 31 - 1
 CONDITIONING_NAMES = ("contrast", "scale", "csf_volume", "brain_volume")
 ORIENTATIONS = {"LAS": (-1.0, 1.0, 1.0), "RAS": (1.0, 1.0, 1.0)}  # sign of RAS axis along i, j, k
 _SHELL_MM = 30.0
+# Relative (CSF, GM, WM) intensity ranges of each contrast, the brightest tissue near 1. "t1" keeps the original
+# draws (so training runs and held-out seeds made before contrasts existed render the same brains); "random"
+# draws each tissue anywhere, SynthSR's domain randomisation, so the order of tissue brightness is random too.
+CONTRASTS = {
+    "t2": ((0.9, 1.0), (0.5, 0.7), (0.3, 0.5)),
+    "flair": ((0.03, 0.15), (0.7, 0.9), (0.5, 0.68)),
+    "pd": ((0.7, 0.9), (0.85, 1.0), (0.6, 0.8)),
+    "random": ((0.03, 1.0), (0.03, 1.0), (0.03, 1.0)),
+}
 
 
 def split_of(seed: int) -> str:
@@ -72,6 +82,7 @@ class SynthConfig:
     bias_std: float = 0.15
     noise_range: Tuple[float, float] = (0.0, 0.03)
     template_mix: Tuple[float, float] = (0.2, 0.7)
+    contrast: str = "t1"           # "t1" or a key of CONTRASTS; "mixed": a seed's own draw among all of them
 
     def __post_init__(self):
         self.shape = tuple(int(n) for n in self.shape)
@@ -84,6 +95,9 @@ class SynthConfig:
             raise InputError("Downsample factor %s does not divide the grid shape %s." % (self.downsample, self.shape),
                              "Use a factor (1, 2, 4, ...) that divides every size.")
         self.downsample = int(self.downsample)
+        if self.contrast not in ("t1", "mixed") + tuple(CONTRASTS):
+            raise InputError("Contrast '%s' is not supported." % self.contrast,
+                             "Use t1, %s or mixed." % ", ".join(CONTRASTS))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -124,6 +138,8 @@ def load_templates():
     nz = np.argwhere(brain > 0.5)
     stats = {
         "t1_wm": float(np.median(t1[wm > 0.9])),
+        "t1_gm": float(np.median(t1[gm > 0.9])),
+        "t1_csf": float(np.median(t1[(brain - gm - wm) > 0.9])),
         "bbox_centre": ((nz.min(0) + nz.max(0)) / 2.0).tolist(),
         "brain_ml": float(brain.sum()) / 1000.0,
         "csf_ml": float(np.clip(brain - gm - wm, 0, 1).sum()) / 1000.0,
@@ -217,7 +233,20 @@ class BrainSynth:
             "bias": (rng.normal(0, c.bias_std, 9) / np.array([1, 1, 1, 2, 2, 2, 2, 2, 2])).tolist(),
             "noise": float(u(*c.noise_range)),
             "patch_rng": int(rng.integers(0, 2 ** 31 - 1)),
+            **self._contrast(rng, wm, gm, csf),
         }
+
+    def _contrast(self, rng, wm, gm, csf) -> dict:
+        """The seed's contrast and its tissue intensities; drawn after every T1 draw so T1 brains stay as they were."""
+        name = self.config.contrast
+        if name == "mixed":
+            name = ("t1",) + tuple(CONTRASTS)
+            name = name[int(rng.integers(0, len(name)))]
+        if name == "t1":
+            return {"contrast": "t1"}
+        (c0, c1), (g0, g1), (w0, w1) = CONTRASTS[name]
+        return {"contrast": name, "intensity": {"csf": float(rng.uniform(c0, c1)), "gm": float(rng.uniform(g0, g1)),
+                                                "wm": float(rng.uniform(w0, w1))}}
 
     def deformation(self, seed: int, p: Optional[dict] = None) -> Deformation:
         c = self.config
@@ -262,13 +291,27 @@ class BrainSynth:
         it = p["intensity"]
         csf = (brain - gm - wm).clamp(0, 1)
         tissue = gm * it["gm"] + wm * it["wm"] + csf * it["csf"]
-        templ = t1 * (it["wm"] / self.stats["t1_wm"])
+        templ = self._template_in_contrast(t1, it, p.get("contrast", "t1"))
         a = p["template_mix"]
         img = (1 - a) * tissue + a * templ
         if self.config.head:
             img = img + (1 - brain).clamp(0, 1) * self._shell(close, p)
         img = img.clamp_min(0) ** p["gamma"]
         return img * self._bias(axes, p), brain, csf
+
+    def _template_in_contrast(self, t1, it, contrast):
+        """The template's own T1 (its fine detail, beyond the tissue maps) in the brain's contrast: piecewise
+        linear through the template's CSF, GM and WM levels onto the drawn intensities (T1: a plain scaling)."""
+        st = self.stats
+        if contrast == "t1":
+            return t1 * (it["wm"] / st["t1_wm"])
+        xs = [0.0, st["t1_csf"], st["t1_gm"], st["t1_wm"]]
+        ys = [0.0, it["csf"], it["gm"], it["wm"]]
+        out = torch.full_like(t1, ys[3]) + (t1 - xs[3]) * ((ys[3] - ys[2]) / (xs[3] - xs[2]))
+        for a in (2, 1):  # below each level, the segment down to the next one
+            seg = ys[a] + (t1 - xs[a]) * ((ys[a] - ys[a - 1]) / (xs[a] - xs[a - 1]))
+            out = torch.where(t1 < xs[a], seg, out)
+        return out.clamp_min(0)
 
     def _shell(self, close, p):
         """CSF gap, skull (with marrow), scalp as smooth layers of distance to the brain."""
