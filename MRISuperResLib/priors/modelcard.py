@@ -59,7 +59,7 @@ def _runs(role: str, record: dict) -> List[str]:
     out = ["", "#### %s" % role, ""]
     for n, run in enumerate(_lineage(record), 1):
         if run is record:
-            end = ", the weights shipped here"
+            end = ", the weights in this folder"
         else:  # an init_from record: what this run exported, and the next run started from
             end = ", exported as `%s` (sha256 `%s`); the next run started from it" % (run.get("prior"), run.get("sha256"))
         out.append("%d. %s steps%s:" % (n, _num(run.get("steps"), "%d"), end))
