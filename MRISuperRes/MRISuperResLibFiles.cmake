@@ -48,6 +48,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/priors/generator.py
   MRISuperResLib/priors/importer.py
   MRISuperResLib/priors/inversion.py
+  MRISuperResLib/priors/modelcard.py
   MRISuperResLib/priors/networks.py
   MRISuperResLib/priors/profile.py
   MRISuperResLib/priors/reference.py

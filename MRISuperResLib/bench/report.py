@@ -95,7 +95,8 @@ def prune_runs(gate: dict) -> dict:
 
 
 def update_cards(rows, meta, gate, target_db):
-    """Write the gate into each measured prior's model.json (the weights and their checksums are untouched)."""
+    """Write the gate into each measured prior's model.json and README.md (weights and checksums untouched)."""
+    from ..priors.modelcard import README_FILE, render_model_card
     from ..priors.store import find_prior
     from ..training.trainer import atomic_write_text
 
@@ -120,6 +121,7 @@ def update_cards(rows, meta, gate, target_db):
         card["quality_gate"] = prune_runs({"target": "masked PSNR >= baseline + %g dB at 8 mm slice removal "
                                                     "(4x k-space)" % target_db, "runs": runs, "rows": kept + items})
         atomic_write_text(path, json.dumps(card, indent=1) + "\n")
+        atomic_write_text(os.path.join(folder, README_FILE), render_model_card(card))
         done.append(folder)
     return done
 

@@ -3,6 +3,7 @@
     python -m MRISuperResLib models list [--json]
     python -m MRISuperResLib models import PATH [PATH2] [--name NAME] [--allow-unverified]
     python -m MRISuperResLib models remove NAME
+    python -m MRISuperResLib models card NAME [NAME ...] | --all [--print]
 Exit codes as for every command: 0 ok, 2 user error (bad path, checksum mismatch, unknown name).
 """
 
@@ -23,6 +24,10 @@ def add_parser(subparsers):
                    help="Import published weight files whose md5 differs from the known one.")
     s = sub.add_parser("remove", help="Delete a prior from the user store.")
     s.add_argument("name")
+    s = sub.add_parser("card", help="Write each prior's README.md model card from its model.json.")
+    s.add_argument("names", nargs="*", metavar="NAME", help="Prior name (see `models list`) or folder.")
+    s.add_argument("--all", action="store_true", help="Every installed prior.")
+    s.add_argument("--print", action="store_true", help="Print the cards instead of writing them.")
     p.set_defaults(handler=handle, models_parser=p)
     return p
 
@@ -59,5 +64,30 @@ def handle(args, out=None) -> int:
         folder = remove_model(args.name)
         sys.stderr.write("Removed %s.\n" % folder)
         return 0
+    if action == "card":
+        return _card(args, out)
     args.models_parser.print_help(sys.stderr)
     return 2
+
+
+def _card(args, out) -> int:
+    import os
+
+    from ..errors import InputError
+    from ..training.trainer import atomic_write_text  # the one atomic writer (see issue 24: it moves down)
+    from .card import read_card
+    from .modelcard import README_FILE, render_model_card
+    from .store import find_prior, installed
+
+    if bool(args.names) == bool(args.all):
+        raise InputError("Name the priors or give --all (not both).", "e.g. `models card synth-brain-paired`.")
+    folders = [item["folder"] for item in installed()] if args.all else [find_prior(n) for n in args.names]
+    for folder in folders:
+        text = render_model_card(read_card(folder))
+        if args.print:
+            out.write(text + "\n")
+            continue
+        path = os.path.join(folder, README_FILE)
+        atomic_write_text(path, text)
+        out.write(path + "\n")
+    return 0

@@ -1,4 +1,4 @@
-"""Writing a trained run as a prior folder (`model.json` + safetensors) and reading networks back.
+"""Writing a trained run as a prior folder (`model.json`, its README.md card, safetensors); reading networks back.
 
 The card follows the agreed schema (schema 1); each weight file's sha256 is recorded in it and
 checked on every load.
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..priors.modelcard import README_FILE, render_model_card
 from .trainer import atomic_write_text
 
 CARD = "model.json"
@@ -116,6 +117,7 @@ def export_prior(task, folder, name, title="", description="", training=None, me
     if extra:
         card.update(extra)
     atomic_write_text(os.path.join(folder, CARD), json.dumps(card, indent=1) + "\n")
+    atomic_write_text(os.path.join(folder, README_FILE), render_model_card(card))
     return card
 
 
