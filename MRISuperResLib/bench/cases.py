@@ -20,9 +20,17 @@ DEGRADATIONS = {
     "slice-removal-4mm": ("slice-removal", 2, 4),
     "slice-removal-8mm": ("slice-removal", 2, 8),
     "thick-slice-4mm": ("thick-slice", 2, 4),
+    "thick-slice-5mm": ("thick-slice", 2, 5),
     "kspace-2x": ("kspace", (0, 1), 2),
     "kspace-4x": ("kspace", (0, 1), 4),
 }
+
+
+# The clinical case: `run` infers these from the input's spacing (Gaussian thick slices), so the bench does too.
+INFERRED = ("thick-slice-5mm",)
+# Held-out heads in contrasts the default priors never trained on (T1-like only); seeds apart from the first
+# held-out ones, which tuning uses.
+CONTRAST_CASES = (("t2", 1_000_010), ("flair", 1_000_011), ("pd", 1_000_012))
 
 
 @dataclass
@@ -68,6 +76,21 @@ def synthetic_cases(n: int) -> List[Case]:
     return out
 
 
+def contrast_cases() -> List[Case]:
+    """Held-out synthetic heads in T2-, FLAIR- and PD-like contrasts (CONTRAST_CASES)."""
+    from ..training import synth
+
+    out = []
+    for contrast, seed in CONTRAST_CASES:
+        def load(seed=seed, contrast=contrast):
+            gen = synth.BrainSynth(synth.SynthConfig(contrast=contrast))
+            return Volume(gen.sample(seed).image.numpy(), gen.grid(),
+                          description="synthetic held-out %d, %s" % (seed, contrast))
+
+        out.append(Case("synthetic-%s-%d" % (contrast, seed), "held-out contrast", load))
+    return out
+
+
 def folder_cases(folder: str) -> List[Case]:
     if not os.path.isdir(folder):
         raise InputError("Case folder not found: %s." % folder, "Give a folder of HR volumes (.nii.gz, .nrrd, .mha).")
@@ -78,7 +101,7 @@ def folder_cases(folder: str) -> List[Case]:
 
 
 def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:
-    """`names`: None for the default set, else a list of 'mni152', 'synthetic', or folder paths."""
+    """`names`: None for the default set, else a list of 'mni152', 'synthetic', 'contrasts', or folder paths."""
     if quick:
         return [mni152_case(quick=True)]
     if not names:
@@ -89,6 +112,8 @@ def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:
             out.append(mni152_case())
         elif n == "synthetic":
             out.extend(synthetic_cases(synthetic))
+        elif n == "contrasts":
+            out.extend(contrast_cases())
         else:
             out.extend(folder_cases(n))
     return out

@@ -69,15 +69,16 @@ def gate_summary(rows, gate, target_db) -> dict:
             continue
         base = next((b for b in data if b["method"] == r["baseline"] and b["case"] == r["case"]
                      and b["degradation"] == r["degradation"]), None)
-        hard = r["degradation"] == gate[r["method"]][-1]  # 8 mm, or 4x for k-space: where the target applies
+        target = target_db.get(r["degradation"])
+        hard = target is not None
         out.setdefault(r["prior"], []).append({
             "method": r["method"], "case": r["case"], "label": r["label"], "degradation": r["degradation"],
             "device": r.get("device"), "psnr_masked": r["psnr_masked"], "ssim": r["ssim"], "seconds": r["seconds"],
             "baseline": r["baseline"], "baseline_psnr_masked": base and base["psnr_masked"],
             "baseline_ssim": base and base["ssim"], "delta_psnr_masked_db": r["delta_psnr_masked_db"],
-            "target_db": target_db if hard else None,
+            "target_db": target,
             "meets_target": (None if not hard or r["delta_psnr_masked_db"] is None
-                             else bool(r["delta_psnr_masked_db"] >= target_db)), "error": r["error"]})
+                             else bool(r["delta_psnr_masked_db"] >= target)), "error": r["error"]})
     return out
 
 
@@ -118,8 +119,8 @@ def update_cards(rows, meta, gate, target_db):
 
         fresh = {key(i) for i in items}
         kept = [i for i in old.get("rows", []) if key(i) not in fresh]
-        card["quality_gate"] = prune_runs({"target": "masked PSNR >= baseline + %g dB at 8 mm slice removal "
-                                                    "(4x k-space)" % target_db, "runs": runs, "rows": kept + items})
+        card["quality_gate"] = prune_runs({"target": "masked PSNR >= baseline + " + ", ".join(
+            "%g dB at %s" % (db, deg) for deg, db in target_db.items()), "runs": runs, "rows": kept + items})
         atomic_write_text(path, json.dumps(card, indent=1) + "\n")
         atomic_write_text(os.path.join(folder, README_FILE), render_model_card(card))
         done.append(folder)

@@ -21,7 +21,7 @@ from ..metrics import head_mask, psnr, ssim, ssim_slices
 from ..physics import OperatorSpec, lr_grid
 from ..pipeline import super_resolve
 from ..volume import Volume
-from .cases import DEGRADATIONS, Case
+from .cases import DEGRADATIONS, INFERRED, Case
 
 QUICK_LIMITS = {"iterations": 5, "steps": 4, "samples": 1}
 
@@ -144,7 +144,8 @@ def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]]
                         torch.cuda.reset_peak_memory_stats()
                     with PeakRSS() as mem:
                         t0 = time.perf_counter()
-                        out = super_resolve(lr, name, spec, settings, prior, device, seed=0)
+                        out = super_resolve(lr, name, None if deg in INFERRED else spec, settings, prior, device,
+                                            seed=0)
                         row.seconds = time.perf_counter() - t0
                     row.peak_ram_mb = round(mem.peak, 1)
                     if torch.cuda.is_available():

@@ -54,7 +54,7 @@ def test_synthetic_cases_are_held_out_heads_on_the_prior_grid():
 
 
 def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case():
-    from MRISuperResLib.bench.cli import GATE
+    from MRISuperResLib.bench.cli import GATE, GATE_TARGET_DB
     from MRISuperResLib.bench.report import gate_summary
 
     def row(method, deg, psnr, prior=None, baseline="bspline"):
@@ -65,14 +65,16 @@ def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case()
     rows = [row("bspline", "slice-removal-4mm", 28.0), row("bspline", "slice-removal-8mm", 22.0),
             row("paired-ddpm", "slice-removal-4mm", 27.0, "p"), row("paired-ddpm", "slice-removal-8mm", 23.5, "p"),
             row("sinc", "kspace-4x", 30.0, baseline="sinc"), row("kspace-vdm", "kspace-4x", 30.5, "v", "sinc"),
-            row("paired-ddpm", "kspace-4x", 31.0, "p", "sinc")]
+            row("paired-ddpm", "kspace-4x", 31.0, "p", "sinc"), row("bspline", "thick-slice-5mm", 25.0),
+            row("paired-ddpm", "thick-slice-5mm", 26.5, "p")]
     for r in rows:
         base = next(b for b in rows if b["method"] == r["baseline"] and b["degradation"] == r["degradation"])
         r["delta_psnr_masked_db"] = r["psnr_masked"] - base["psnr_masked"]
-    out = gate_summary(rows, GATE, 1.0)
+    out = gate_summary(rows, GATE, GATE_TARGET_DB)
     assert sorted(out) == ["p", "v"]
     p = {r["degradation"]: r for r in out["p"]}
-    assert sorted(p) == ["slice-removal-4mm", "slice-removal-8mm"]  # k-space is not paired-ddpm's gate
+    assert sorted(p) == ["slice-removal-4mm", "slice-removal-8mm", "thick-slice-5mm"]  # k-space is not paired-ddpm's
+    assert p["thick-slice-5mm"]["target_db"] == 2.0 and p["thick-slice-5mm"]["meets_target"] is False  # +1.5 < 2
     assert p["slice-removal-4mm"]["meets_target"] is None and p["slice-removal-8mm"]["meets_target"] is True
     assert p["slice-removal-8mm"]["baseline_psnr_masked"] == 22.0
     assert out["v"][0]["meets_target"] is False  # +0.5 dB < 1 dB
@@ -81,7 +83,7 @@ def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case()
 def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, monkeypatch):
     import json
 
-    from MRISuperResLib.bench.cli import GATE
+    from MRISuperResLib.bench.cli import GATE, GATE_TARGET_DB
     from MRISuperResLib.bench.report import update_cards
     from MRISuperResLib.priors import synthetic
     from MRISuperResLib.priors.store import load_prior
@@ -98,9 +100,9 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
                            delta_psnr_masked_db=psnr - 20.0)]
 
     meta = {"command": "bench --gate --cases synthetic", "machine": "m", "date": "d1"}
-    assert update_cards(rows("synthetic-1", 22.0), meta, GATE, 1.0) == [folder]
-    update_cards(rows("mni152", 20.5), dict(meta, command="bench --gate --cases mni152", date="d2"), GATE, 1.0)
-    update_cards(rows("mni152", 21.5), dict(meta, command="bench --gate --cases mni152", date="d3"), GATE, 1.0)
+    assert update_cards(rows("synthetic-1", 22.0), meta, GATE, GATE_TARGET_DB) == [folder]
+    update_cards(rows("mni152", 20.5), dict(meta, command="bench --gate --cases mni152", date="d2"), GATE, GATE_TARGET_DB)
+    update_cards(rows("mni152", 21.5), dict(meta, command="bench --gate --cases mni152", date="d3"), GATE, GATE_TARGET_DB)
     with open(tmp_path / "store" / "gate-ldm" / "model.json") as fh:
         gate = json.load(fh)["quality_gate"]
     got = {(r["case"], r["meets_target"]) for r in gate["rows"]}
@@ -110,7 +112,7 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
     assert {r["case"]: gate["runs"][r["run"]]["date"] for r in gate["rows"]} == {"synthetic-1": "d1", "mni152": "d3"}
     # a GPU run of the same rows sits beside the CPU ones instead of replacing them
     gpu = [dict(r, device="cuda:0") for r in rows("mni152", 23.0)]
-    update_cards(gpu, dict(meta, command="bench --gate --device cuda", date="d4"), GATE, 1.0)
+    update_cards(gpu, dict(meta, command="bench --gate --device cuda", date="d4"), GATE, GATE_TARGET_DB)
     with open(tmp_path / "store" / "gate-ldm" / "model.json") as fh:
         rows_now = json.load(fh)["quality_gate"]["rows"]
     assert sorted((r["case"], r.get("device") or "cpu", r["psnr_masked"]) for r in rows_now) == [
