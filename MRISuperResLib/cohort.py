@@ -37,7 +37,9 @@ RETRIES = 1  # reruns of a task that raised an unexpected exception (a dead work
 # Test hook, not a user option: a task whose input NAME has DIR/NAME.hold writes its worker's pid to DIR/NAME.pid
 # and waits while the hold file exists, so a test can kill that worker mid-task.
 HOLD_ENV = "MRISR_TEST_HOLD_DIR"
-THREADS_ENV = "MRISR_WORKER_THREADS"  # torch threads of a local cluster's worker (its share of the CPU)
+# Torch threads of a worker: its share of the CPU. Dask sets OMP_NUM_THREADS=1 in workers, so without this a
+# worker on a remote cluster would run torch on one thread.
+THREADS_ENV = "MRISR_WORKER_THREADS"
 
 _PRIORS: Dict[tuple, tuple] = {}  # in each worker process: (model, kind, device) -> (prior, identity)
 
@@ -205,7 +207,10 @@ class Manifest:
         self.latest[os.path.basename(rec["input"])] = rec
 
     def close(self):
+        empty = self.fh.tell() == 0  # a run refused before any task (an unknown prior): no file left behind
         self.fh.close()  # releases the lock
+        if empty:
+            os.remove(self.path)
 
 
 def read_manifest(path) -> Dict[str, dict]:

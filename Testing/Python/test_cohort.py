@@ -247,3 +247,20 @@ def test_output_integrity_check(tmp_path):
     assert not cohort.output_intact(path, entry)
     os.remove(path)
     assert not cohort.output_intact(path, entry)
+
+
+def test_local_workers_split_the_cpu():
+    envs = cohort.local_worker_envs(2, "cpu")
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert len(envs) == 2 and all(e[cohort.THREADS_ENV] == threads == e["OMP_NUM_THREADS"] for e in envs)
+    assert not any("CUDA_VISIBLE_DEVICES" in e for e in envs)
+
+
+@pytest.mark.gpu
+def test_local_workers_get_one_gpu_each():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    n = torch.cuda.device_count()
+    envs = cohort.local_worker_envs(None, "auto")
+    assert len(envs) == n and sorted(e["CUDA_VISIBLE_DEVICES"] for e in envs) == sorted(
+        (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(n)))).split(","))
