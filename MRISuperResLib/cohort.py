@@ -148,8 +148,8 @@ def run_file(job: CohortJob, input_path: str, output_path: str) -> dict:
     rec = {"input": input_path, "output": output_path, "worker": _worker_address()}
     try:
         _hold_for_tests(input_path)
+        lr = read_volume(input_path)  # first: a missing or unreadable file is an InputError, not a crash
         rec["input_sha256"] = file_digest(input_path)
-        lr = read_volume(input_path)
         method = get_method(job.method)
         dev = resolve_device(job.device)
         prior, (rec["prior"], rec["prior_sha256"]), load_s = _worker_prior(method, job.model, dev)
@@ -304,7 +304,8 @@ def local_worker_envs(workers: Optional[int], device: str) -> list:
     """
     import torch
 
-    cores = os.cpu_count() or 1
+    # The cores this process may use (a container or a Slurm allocation may offer fewer than the machine has).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpu_ids = []
     if device.strip().lower() in ("auto", "cuda") and torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()

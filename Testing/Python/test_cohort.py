@@ -251,7 +251,8 @@ def test_output_integrity_check(tmp_path):
 
 def test_local_workers_split_the_cpu():
     envs = cohort.local_worker_envs(2, "cpu")
-    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = str(max(1, cores // 2))
     assert len(envs) == 2 and all(e[cohort.THREADS_ENV] == threads == e["OMP_NUM_THREADS"] for e in envs)
     assert not any("CUDA_VISIBLE_DEVICES" in e for e in envs)
 
