@@ -4,6 +4,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/__main__.py
   MRISuperResLib/allocator.py
   MRISuperResLib/cli.py
+  MRISuperResLib/cohort.py
   MRISuperResLib/demo.py
   MRISuperResLib/devices.py
   MRISuperResLib/errors.py

@@ -2,7 +2,7 @@
 
 Only this module prints progress events (JSON lines on stdout with `--progress jsonl`); logs and
 human-readable progress go to stderr. Exit codes: 0 ok, 1 internal error, 2 bad input or request,
-3 does not fit the device, 130 cancelled.
+3 does not fit the device, 4 some files of a cohort (`--engine dask`) failed, 130 cancelled.
 """
 
 import argparse
@@ -17,7 +17,7 @@ from . import __version__
 from .errors import EXIT_CANCELLED, EXIT_INTERNAL, Cancelled, InputError, UserError
 from .physics import KINDS, PROFILES, OperatorSpec
 from .progress import JsonLinesSink, Progress, TextSink
-from .volume import check_output_path, read_volume, write_volume
+from .volume import check_output_path, list_volumes, read_volume, write_volume
 
 _EXTENSIONS = {}  # name -> (add_parser, ) for sub-commands contributed by sub-packages
 
@@ -95,6 +95,13 @@ def build_parser():
     s.add_argument("--registration", choices=["auto", "rigid", "affine", "none"], default="auto",
                    help="How the input reaches the prior's space (inversesr methods only): auto registers rigidly "
                         "unless the input already lies on the prior's grid; none takes it as already aligned.")
+    s.add_argument("--engine", choices=["local", "dask"], default=None,
+                   help="For a folder: local (default) runs the files one by one here; dask runs each file as a task "
+                        "on a Dask cluster, resumable through OUTPUT/manifest.jsonl (pip install MRISuperResLib[cluster]).")
+    s.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="With --engine dask: use the cluster at this scheduler (tcp://HOST:8786) instead of a local one.")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="With --engine dask: local worker processes (default: one per GPU, else one per 4 cores).")
 
     s = sub.add_parser("metrics", help="PSNR and SSIM of a volume against a reference.")
     s.add_argument("--reference", required=True)
@@ -205,6 +212,10 @@ def cmd_run(args):
     overrides = _parse_sets(args.set)
     method.resolve_settings(overrides)  # validate names and values before any work
     spec = _spec_from_args(args)
+    if args.engine == "dask":
+        return _run_cohort(args, method, overrides, spec, sink, progress)
+    if args.scheduler or args.workers:
+        raise InputError("--scheduler and --workers apply to --engine dask.", "Add --engine dask, or drop them.")
     if os.path.isdir(args.input):
         return _run_batch(args, method, overrides, spec, sink, progress)
     outputs = [p for p in (args.output, args.uncertainty, args.residual) if p]
@@ -254,6 +265,22 @@ def _run_one(args, method, overrides, spec, lr, input_path, output, uncertainty,
           "info": result.info})
 
 
+def _run_cohort(args, method, overrides, spec, sink, progress):
+    """A folder on a Dask cluster, one task per file, with a manifest (cohort.py)."""
+    from .cohort import CohortJob, run_cohort
+
+    if not os.path.isdir(args.input):
+        raise InputError("--engine dask runs a folder; %s is not one." % args.input,
+                         "Give a folder of volumes as --input, or drop --engine dask for one file.")
+    if args.uncertainty or args.residual:
+        raise InputError("--uncertainty and --residual are not written with --engine dask.",
+                         "Drop them, or use the local engine for those maps.")
+    if args.workers is not None and args.workers < 1:
+        raise InputError("--workers must be at least 1.", "Give the number of worker processes, e.g. --workers 2.")
+    job = CohortJob(method.name, overrides, spec, args.model, args.device, args.seed, args.registration)
+    return run_cohort(job, args.input, args.output, sink, progress, args.workers, args.scheduler, _log)
+
+
 def _run_batch(args, method, overrides, spec, sink, progress):
     """Every volume of a folder, one progress stream; bad files reported and skipped; existing outputs skipped."""
     inputs = list_volumes(args.input)
@@ -293,13 +320,6 @@ def _run_batch(args, method, overrides, spec, sink, progress):
     if failed and not done and not skipped:
         raise InputError("Every file in the batch failed (%d)." % len(failed), "See the warnings above.")
     return 0
-
-
-def list_volumes(folder):
-    from .volume import SUPPORTED_SUFFIXES
-
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(SUPPORTED_SUFFIXES) and not n.startswith("."))
-    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
 
 
 def cmd_metrics(args):

@@ -38,3 +38,4 @@ EXIT_INTERNAL = 1
 EXIT_USER = UserError.exit_code
 EXIT_RESOURCE = ResourceError.exit_code
 EXIT_CANCELLED = Cancelled.exit_code
+EXIT_SOME_FAILED = 4  # a cohort run (`run --engine dask`) finished, but one or more files failed: see its manifest

@@ -21,7 +21,7 @@ from .devices import resolve_device
 from .errors import InputError
 from .methods import get_method
 from .physics import OperatorSpec, hr_grid
-from .priors.card import gate_shortfall
+from .priors.card import gate_shortfall, method_defaults
 from .progress import Progress
 from .volume import GENERATED_DESCRIPTION, Grid, Volume
 
@@ -42,6 +42,19 @@ def infer_degradation(grid: Grid) -> OperatorSpec:
                          "Give the degradation explicitly, e.g. --operator downsample --axis 0 1 --factor 2 2.")
     a = thick[0]
     return OperatorSpec.make("thick-slice", a, float(sp[a] / finest), "gaussian")
+
+
+def run_settings(method, settings: Optional[dict] = None, card: Optional[dict] = None, device_type: str = "cpu",
+                 seed: Optional[int] = None) -> dict:
+    """The settings a run uses: the method's schema, the prior card's defaults for the device, the user's, --seed.
+
+    One function, because a cohort's manifest must know before running whether a file would be made the same way.
+    """
+    defaults = method_defaults(card, method.name, device_type) if isinstance(card, dict) else None
+    resolved = method.resolve_settings(settings, defaults)
+    if seed is not None and "seed" in resolved:
+        resolved["seed"] = int(seed)
+    return resolved
 
 
 @dataclass
@@ -68,15 +81,11 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
         raise InputError("Method %s is not built for %s degradations." % (m.name, spec.kind),
                          "It handles: %s. Choose another method or operator." % ", ".join(m.operators))
     dev = resolve_device(device)
-    defaults = prior.method_defaults(m.name, dev.type) if prior is not None and hasattr(
-        prior, "method_defaults") else None
-    resolved = m.resolve_settings(settings, defaults)
     card = getattr(prior, "card", None)
+    resolved = run_settings(m, settings, card, dev.type, seed)
     shortfall = gate_shortfall(card, m.name, dev.type) if isinstance(card, dict) else None
     if shortfall:
         progress.warning(shortfall)
-    if seed is not None and "seed" in resolved:
-        resolved["seed"] = int(seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         op = spec.bind_lr(lr.grid.shape)

@@ -8,6 +8,7 @@ turns them into one JSON object per stdout line:
     {"event": "warning",  "message": "..."}
     {"event": "result",   "output": "/path/out.nii.gz", "seconds": 4.2, ...}
     {"event": "error",    "message": "...", "exit_code": 2}
+    {"event": "summary",  "total": 7, "done": 6, "skipped": 0, "failed": 1, ...}   (end of a cohort run)
 
 Readers must skip lines that are not JSON objects (libraries may print to stdout): `parse_event`.
 """
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 from .errors import Cancelled
 
 PROTOCOL_VERSION = 1
-EVENTS = ("start", "progress", "warning", "result", "error")
+EVENTS = ("start", "progress", "warning", "result", "error", "summary")
 
 
 class Progress:

@@ -165,6 +165,12 @@ def read_volume(path) -> Volume:
     return from_sitk(img, source=os.path.basename(path))
 
 
+def list_volumes(folder) -> list:
+    """The volumes of a folder (supported suffixes, no hidden files), sorted by name: what a batch or cohort runs."""
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(SUPPORTED_SUFFIXES) and not n.startswith("."))
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+
+
 def check_output_path(path, input_paths=()) -> str:
     """Validate an output path before any work is done."""
     path = os.fspath(path)

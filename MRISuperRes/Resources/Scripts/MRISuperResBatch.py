@@ -12,6 +12,11 @@ In plain Python with the slicer-core wheel and MRISuperResLib importable, the sa
 
 Each input INPUT.ext becomes OUTPUT_FOLDER/INPUT_SR-METHOD.ext (same format). Inputs are never modified;
 a file that fails is reported and the others still run. Exit code: 0 all done, 1 some failed, 2 bad arguments.
+
+`--engine dask [--scheduler ADDRESS] [--workers N]` hands the whole folder to the library's cohort engine
+(`python -m MRISuperResLib run --engine dask`, needs `pip install MRISuperResLib[cluster]` in the worker's
+Python): one Dask task per file, OUTPUT_FOLDER/INPUT.ext (the input's name), OUTPUT_FOLDER/manifest.jsonl, and a
+rerun skips the files already done. Its exit codes are the library's, except that "some files failed" is 1 here.
 """
 
 import argparse
@@ -37,7 +42,40 @@ def parseArgs(argv):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--pattern", default="*", help="Only files matching this pattern (fnmatch).")
     p.add_argument("--install-dependencies", action="store_true", help="Install missing worker packages first.")
+    p.add_argument("--engine", choices=["local", "dask"], default="local",
+                   help="local: one file after another through the module's Logic; dask: the library's cohort engine.")
+    p.add_argument("--scheduler", default=None, help="With --engine dask: address of an existing Dask scheduler.")
+    p.add_argument("--workers", type=int, default=None, help="With --engine dask: local worker processes.")
     return p.parse_args(argv)
+
+
+def cohortArgs(args) -> list:
+    """The library's command line for a cohort run with this script's options (the same names, passed through)."""
+    cli = ["run", "--engine", "dask", "--input", args.input_folder, "--output", args.output_folder,
+           "--method", args.method, "--device", args.device]
+    for item in args.set:
+        cli += ["--set", item]
+    for flag, value in (("--model", args.model), ("--seed", args.seed), ("--scheduler", args.scheduler),
+                        ("--workers", args.workers)):
+        if value is not None:
+            cli += [flag, str(value)]
+    return cli
+
+
+def runCohort(args) -> int:
+    """The folder on Dask through the library's CLI in its own process; its log streams through unchanged."""
+    import subprocess
+
+    from MRISuperResModuleLib.logic import MRISuperResLogic, defaultCommandBuilder
+
+    if args.pattern != "*":
+        print("error: --pattern does not apply to --engine dask (it runs every volume of the folder).", file=sys.stderr)
+        return 2
+    if args.install_dependencies:
+        MRISuperResLogic().installDependencies(print)
+    argv, env = defaultCommandBuilder(cohortArgs(args))
+    code = subprocess.call(argv, env=env)
+    return 1 if code == 4 else code  # the library's 4 (some files failed) is this script's 1
 
 
 def splitName(filename):
@@ -55,6 +93,11 @@ def main(argv=None) -> int:
     args = parseArgs(argv)
     if not os.path.isdir(args.input_folder):
         print("error: input folder %s does not exist." % args.input_folder, file=sys.stderr)
+        return 2
+    if args.engine == "dask":
+        return runCohort(args)
+    if args.scheduler or args.workers:
+        print("error: --scheduler and --workers apply to --engine dask.", file=sys.stderr)
         return 2
     os.makedirs(args.output_folder, exist_ok=True)
     if os.path.samefile(args.input_folder, args.output_folder):
