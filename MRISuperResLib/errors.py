@@ -20,6 +20,10 @@ class InputError(UserError):
     """Unreadable, malformed or unsuitable input file or argument."""
 
 
+class OutputError(InputError):
+    """An output could not be written completely (disk full, quota, permissions); nothing was replaced."""
+
+
 class ResourceError(UserError):
     """The run cannot fit the chosen device (memory or time)."""
 
@@ -32,9 +36,17 @@ class Cancelled(Exception):
     exit_code = 130
 
 
+class Terminated(Cancelled):
+    """The process was asked to stop (SIGTERM): cleaned up like a cancel, but told apart by its exit code."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+
+
 # Documented in README.md ("Exit codes").
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USER = UserError.exit_code
 EXIT_RESOURCE = ResourceError.exit_code
+EXIT_BATCH_INCOMPLETE = 4  # a batch ran to the end, but some of its files failed (see its `summary` event)
 EXIT_CANCELLED = Cancelled.exit_code
+EXIT_TERMINATED = Terminated.exit_code

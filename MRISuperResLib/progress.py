@@ -7,6 +7,7 @@ turns them into one JSON object per stdout line:
     {"event": "progress", "fraction": 0.25, "step": 5, "total": 20, "message": "...", "eta_s": 12.3, ...}
     {"event": "warning",  "message": "..."}
     {"event": "result",   "output": "/path/out.nii.gz", "seconds": 4.2, ...}
+    {"event": "summary",  "total": 3, "done": [...], "skipped": [...], "failed": [...]}   (batch, last)
     {"event": "error",    "message": "...", "exit_code": 2}
 
 Readers must skip lines that are not JSON objects (libraries may print to stdout): `parse_event`.
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 from .errors import Cancelled
 
 PROTOCOL_VERSION = 1
-EVENTS = ("start", "progress", "warning", "result", "error")
+EVENTS = ("start", "progress", "warning", "result", "summary", "error")
 
 
 class Progress:
