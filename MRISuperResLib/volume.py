@@ -253,7 +253,7 @@ def _umask() -> int:
 
 PARTIAL_PREFIX = ".mrisr-partial-"
 STALE_AFTER_S = 3600.0
-_HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+HOST_TAG = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 _PARTIAL_NAME = re.compile(r"^%s(?:(\d+)-([0-9a-f]{8})-)?" % re.escape(PARTIAL_PREFIX))
 _ACTIVE = set()  # this process's temporary files, never stale
 
@@ -290,7 +290,7 @@ def clean_stale_partials(folder: str, now: float = None) -> List[str]:
         if not stat.S_ISREG(st.st_mode):
             continue
         old = now - st.st_mtime > STALE_AFTER_S
-        dead = m.group(1) is not None and m.group(2) == _HOST and not _pid_alive(int(m.group(1)))
+        dead = m.group(1) is not None and m.group(2) == HOST_TAG and not _pid_alive(int(m.group(1)))
         if old or dead:
             try:
                 os.remove(path)
@@ -301,7 +301,7 @@ def clean_stale_partials(folder: str, now: float = None) -> List[str]:
 
 
 def _new_partial(folder: str, suffix: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix="%s%d-%s-" % (PARTIAL_PREFIX, os.getpid(), _HOST), suffix=suffix, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix="%s%d-%s-" % (PARTIAL_PREFIX, os.getpid(), HOST_TAG), suffix=suffix, dir=folder)
     os.close(fd)
     _ACTIVE.add(tmp)
     return tmp

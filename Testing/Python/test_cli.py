@@ -141,17 +141,30 @@ def test_batch_over_folder_skips_bad_files_and_resumes(tmp_path):
         write_volume(Volume.from_array(phantom((10, 12, 4), seed=n) * 100, spacing=(1, 1, 4)), str(src / ("s%d.nrrd" % n)))
     (src / "broken.nii.gz").write_bytes(b"garbage")
     dst = tmp_path / "out"
-    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=0)
+    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=4)
     events = [e for e in map(parse_event, r.stdout.splitlines()) if e]
     assert sorted(os.listdir(dst)) == ["s0.nrrd", "s1.nrrd"]
     assert any(e["event"] == "warning" and "broken.nii.gz" in e["message"] for e in events)
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
     assert fractions == sorted(fractions) and fractions[-1] <= 1.0
     assert sum(e["event"] == "result" for e in events) == 2
+    summary = events[-1]  # some files failed: exit 4, and the last event says which and why
+    assert summary["event"] == "summary" and summary["total"] == 3 and len(summary["done"]) == 2
+    assert [os.path.basename(f["input"]) for f in summary["failed"]] == ["broken.nii.gz"]
+    assert summary["failed"][0]["reason"] and summary["failed"][0]["exit_code"] == 2
     assert read_volume(str(dst / "s0.nrrd")).grid.shape == (10, 12, 16)
     mtime = os.path.getmtime(dst / "s0.nrrd")
-    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=0)
-    assert os.path.getmtime(dst / "s0.nrrd") == mtime  # resumable: existing outputs are skipped
+    (dst / "s1.nrrd").write_bytes((dst / "s1.nrrd").read_bytes()[:300])  # cut short, as by a full disk
+    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=4)
+    assert os.path.getmtime(dst / "s0.nrrd") == mtime  # resumable: good existing outputs are skipped
     assert "output exists" in r.stdout
+    summary = [e for e in map(parse_event, r.stdout.splitlines()) if e][-1]
+    assert [os.path.basename(p) for p in summary["done"]] == ["s1.nrrd"]  # the damaged one was redone
+    assert [os.path.basename(s["input"]) for s in summary["skipped"]] == ["s0.nrrd"]
+    assert read_volume(str(dst / "s1.nrrd")).grid.shape == (10, 12, 16)
+    os.remove(src / "broken.nii.gz")
+    cli("run", "--input", src, "--output", dst, "--method", "bspline", check=0)  # nothing failed: exit 0
     r = cli("run", "--input", src, "--output", src, "--method", "bspline")
     assert r.returncode == 2 and "input folder" in r.stderr
+    r = cli("run", "--input", src, "--output", tmp_path / "x.nii.gz", "--method", "bspline")
+    assert r.returncode == 2 and "must be a folder" in r.stderr and not (tmp_path / "x.nii.gz").exists()
