@@ -20,7 +20,15 @@ from . import __version__
 from .errors import EXIT_BATCH_INCOMPLETE, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_USER, Cancelled, InputError, Terminated, UserError
 from .physics import KINDS, PROFILES, OperatorSpec
 from .progress import JsonLinesSink, Progress, TextSink
-from .volume import SUPPORTED_SUFFIXES, OutputSet, check_output_path, check_volume_file, read_volume, write_volume
+from .volume import (
+    SUPPORTED_SUFFIXES,
+    OutputSet,
+    check_output_path,
+    check_volume_file,
+    read_volume,
+    remove_own_partials,
+    write_volume,
+)
 
 _EXTENSIONS = {}  # name -> (add_parser, ) for sub-commands contributed by sub-packages
 
@@ -390,6 +398,7 @@ def main(argv=None):
         return _fail("Internal error (%s: %s). Please report it with the log above." % (type(exc).__name__, exc),
                      EXIT_INTERNAL, jsonl)
     finally:
+        remove_own_partials()  # a signal can land between creating a temporary file and the try that guards it
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -8,9 +8,9 @@ is the physical direction of index axis ``a``; ``origin`` is the centre of voxel
 import hashlib
 import os
 import re
+import secrets
 import socket
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import List, Tuple
@@ -301,10 +301,25 @@ def clean_stale_partials(folder: str, now: float = None) -> List[str]:
 
 
 def _new_partial(folder: str, suffix: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix="%s%d-%s-" % (PARTIAL_PREFIX, os.getpid(), HOST_TAG), suffix=suffix, dir=folder)
-    os.close(fd)
-    _ACTIVE.add(tmp)
-    return tmp
+    # Registered before it exists, so that a signal arriving at any point leaves no file remove_own_partials misses.
+    while True:
+        tmp = os.path.join(folder, "%s%d-%s-%s%s" % (PARTIAL_PREFIX, os.getpid(), HOST_TAG, secrets.token_hex(5),
+                                                      suffix))
+        _ACTIVE.add(tmp)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return tmp
+        except FileExistsError:
+            _ACTIVE.discard(tmp)
+        except BaseException:
+            _ACTIVE.discard(tmp)
+            raise
+
+
+def remove_own_partials() -> None:
+    """Remove every temporary file this process still holds (the command line calls it on its way out)."""
+    for tmp in list(_ACTIVE):
+        _discard(tmp)
 
 
 def _discard(tmp: str):
@@ -370,7 +385,7 @@ class OutputSet:
         try:
             sitk.WriteImage(img, tmp, useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
             _verify_written(tmp, path, vol.grid.shape)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+            os.chmod(tmp, 0o666 & ~_umask())  # created 0600 while partial; outputs get the usual permissions
         except RuntimeError as exc:
             _discard(tmp)
             raise OutputError("Could not write %s (%s; disk full?)." % (path, str(exc).strip().splitlines()[-1][:160]),
@@ -389,8 +404,8 @@ class OutputSet:
                 existed, backup = os.path.exists(path), None
                 if existed:  # a second name for the old file: the target is never missing, even if killed here
                     backup = _new_partial(os.path.dirname(os.path.abspath(path)), _suffix(path))
-                    os.remove(backup)
                     try:
+                        os.remove(backup)
                         os.link(path, backup)
                     except OSError:  # no hard links on this file system: a failed rename cannot be undone
                         _ACTIVE.discard(backup)

@@ -98,6 +98,14 @@ BAD = [
     (["degrade", "--input", "{d}/hr.nii.gz", "--output", "{d}/x.nii.gz", "--operator", "kspace", "--factor", "0.5"],
      2, "greater than 1"),
     (["metrics", "--reference", "{d}/hr.nii.gz", "--test", "{d}/lr.nrrd"], 2, "different grids"),
+    # numbers too large for what consumes them are refused where they are parsed, not met as OverflowError
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--operator", "thick-slice", "--factor", "1e308"],
+     2, "too large"),
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--seed", "99999999999999999999999"], 2, "seed"),
+    (["run", "--method", "kspace-vdm", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--set",
+      "seed=99999999999999999999999"], 2, "seed"),
+    (["run", "--method", "paired-ddpm", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--set", "patch=30"],
+     2, "multiple of 4"),
 ]
 
 
