@@ -160,7 +160,14 @@ def _extensions():
 def cmd_methods(args):
     from .methods import available
 
-    items = [m.to_json() for m in available()]
+    items = []
+    for m in available():
+        item = m.to_json()
+        if m.needs_prior:  # a schema default is not what a run uses when the prior's card says otherwise
+            item["defaults_from"] = ("'default' is the schema's; a run starts from it, takes the prior's "
+                                     "'prior_defaults' for its device type over it, then --set.")
+            item.update(_run_defaults(m))
+        items.append(item)
     if args.json:
         print(json.dumps(items, indent=1))
         return 0
@@ -168,7 +175,21 @@ def cmd_methods(args):
         print("%-20s %s" % (m["name"], m["title"]))
         for s in m["settings"]:
             print("    %-18s %-6s default %-8s %s" % (s["name"], s["type"], s["default"], s["help"]))
+        for prior, per_device in sorted(m.get("prior_defaults", {}).items()):
+            for device, values in sorted(per_device.items()):
+                if values:
+                    print("    with prior %s on %s%s: %s" % (
+                        prior, device, " (its default prior)" if m["default_prior"].get(device) == prior else "",
+                        ", ".join("%s=%s" % kv for kv in sorted(values.items()))))
     return 0
+
+
+def _run_defaults(method) -> dict:
+    try:
+        from .priors.store import run_defaults
+    except ImportError:
+        return {}
+    return run_defaults(method.name, method.needs_prior)
 
 
 def cmd_devices(args):

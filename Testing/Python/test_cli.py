@@ -41,6 +41,12 @@ def test_methods_json_contract():
             assert set(s) >= {"name", "type", "default", "min", "max", "choices", "help"}
             if "iteration" in s["name"]:
                 assert s["name"] == "iterations"
+        if m["needs_prior"]:  # where a run's defaults come from: the schema, then the prior's card per device
+            assert "defaults_from" in m and set(m["default_prior"]) == {"cpu", "cuda"}
+            names = {s["name"] for s in m["settings"]}
+            for prior, per_device in m["prior_defaults"].items():
+                assert all(set(values) <= names for values in per_device.values()), prior
+            assert all(p is None or p in m["prior_defaults"] for p in m["default_prior"].values())
 
 
 def test_devices_json():
