@@ -53,9 +53,12 @@ def declared(path: str) -> Declared:
     reader.SetFileName(path)
     reader.ReadImageInformation()
     pid, comps = reader.GetPixelID(), max(1, reader.GetNumberOfComponents())
-    probe = sitk.Image([1] * reader.GetDimension(), pid, comps) if comps > 1 else sitk.Image(
-        [1] * reader.GetDimension(), pid)
-    itemsize = sitk.GetArrayViewFromImage(probe).dtype.itemsize
+    try:
+        probe = sitk.Image([1] * reader.GetDimension(), pid, comps) if comps > 1 else sitk.Image(
+            [1] * reader.GetDimension(), pid)
+        itemsize = sitk.GetArrayViewFromImage(probe).dtype.itemsize
+    except (RuntimeError, TypeError, ValueError):  # pixel types numpy has no view of: count the widest
+        itemsize = 8
     return Declared(tuple(int(s) for s in reader.GetSize()), sitk.GetPixelIDValueAsString(pid), itemsize * comps)
 
 

@@ -68,7 +68,10 @@ class OperatorSpec:
                 f = float(f)
             except (TypeError, ValueError):
                 raise InputError("Factor %r is not a number." % (f,), "Give a number > 1, e.g. 4.") from None
-            if not math.isfinite(f) or f <= 1.0:
+            if not math.isfinite(f):
+                raise InputError("Factor %g is not a finite number." % f,
+                                 "Give the ratio of LR to HR spacing, e.g. 4 for 4 mm slices on a 1 mm grid.")
+            if f <= 1.0:
                 raise InputError("Factor %g must be greater than 1." % f,
                                  "Give the ratio of LR to HR spacing, e.g. 4 for 4 mm slices on a 1 mm grid.")
             if f > MAX_AXIS_SIZE / 2:  # an LR axis has at least 2 samples
