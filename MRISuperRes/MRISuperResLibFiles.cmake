@@ -8,6 +8,8 @@ set(MRISuperResLib_FILES
   MRISuperResLib/demo.py
   MRISuperResLib/devices.py
   MRISuperResLib/errors.py
+  MRISuperResLib/integrity.py
+  MRISuperResLib/memory.py
   MRISuperResLib/metrics.py
   MRISuperResLib/native.py
   MRISuperResLib/pipeline.py

@@ -1,23 +1,35 @@
 """Command line: `python -m MRISuperResLib` (also installed as `mrisr`).
 
 Only this module prints progress events (JSON lines on stdout with `--progress jsonl`); logs and
-human-readable progress go to stderr. Exit codes: 0 ok, 1 internal error, 2 bad input or request,
-3 does not fit the device, 4 some files of a cohort (`--engine dask`) failed, 130 cancelled.
+human-readable progress go to stderr. Exit codes: 0 ok, 1 internal error, 2 bad input or request (or an output
+that could not be written), 3 does not fit the device, 4 a folder run in which some files failed, 130 cancelled
+(Ctrl-C), 143 terminated (SIGTERM).
 """
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 import time
 import traceback
 import warnings
 
 from . import __version__
-from .errors import EXIT_CANCELLED, EXIT_INTERNAL, Cancelled, InputError, UserError
+from .errors import EXIT_CANCELLED, EXIT_INTERNAL, EXIT_SOME_FAILED, EXIT_USER, Cancelled, InputError, Terminated, UserError
 from .physics import KINDS, PROFILES, OperatorSpec
 from .progress import JsonLinesSink, Progress, TextSink
-from .volume import check_output_path, list_volumes, read_volume, write_volume
+from .volume import (
+    SUPPORTED_SUFFIXES,
+    OutputSet,
+    check_output_path,
+    check_volume_file,
+    list_volumes,
+    read_volume,
+    remove_own_partials,
+    write_volume,
+)
 
 _EXTENSIONS = {}  # name -> (add_parser, ) for sub-commands contributed by sub-packages
 
@@ -63,8 +75,22 @@ def _parse_sets(items):
     return out
 
 
+class _ArgumentError(Exception):
+    """argparse's complaint, raised instead of exiting so that main() can report it as an `error` event."""
+
+    def __init__(self, parser, message):
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    # Sub-parsers are made with the parent's class, so every sub-command reports through main() too.
+    def error(self, message):
+        raise _ArgumentError(self, message)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="mrisr", description="Super-resolution of brain MRI with diffusion priors.")
+    p = _Parser(prog="mrisr", description="Super-resolution of brain MRI with diffusion priors.")
     p.add_argument("--version", action="version", version="MRISuperResLib " + __version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -142,7 +168,14 @@ def _extensions():
 def cmd_methods(args):
     from .methods import available
 
-    items = [m.to_json() for m in available()]
+    items = []
+    for m in available():
+        item = m.to_json()
+        if m.needs_prior:  # a schema default is not what a run uses when the prior's card says otherwise
+            item["defaults_from"] = ("'default' is the schema's; a run starts from it, takes the prior's "
+                                     "'prior_defaults' for its device type over it, then --set.")
+            item.update(_run_defaults(m))
+        items.append(item)
     if args.json:
         print(json.dumps(items, indent=1))
         return 0
@@ -150,7 +183,21 @@ def cmd_methods(args):
         print("%-20s %s" % (m["name"], m["title"]))
         for s in m["settings"]:
             print("    %-18s %-6s default %-8s %s" % (s["name"], s["type"], s["default"], s["help"]))
+        for prior, per_device in sorted(m.get("prior_defaults", {}).items()):
+            for device, values in sorted(per_device.items()):
+                if values:
+                    print("    with prior %s on %s%s: %s" % (
+                        prior, device, " (its default prior)" if m["default_prior"].get(device) == prior else "",
+                        ", ".join("%s=%s" % kv for kv in sorted(values.items()))))
     return 0
+
+
+def _run_defaults(method) -> dict:
+    try:
+        from .priors.store import run_defaults
+    except ImportError:
+        return {}
+    return run_defaults(method.name, method.needs_prior)
 
 
 def cmd_devices(args):
@@ -211,6 +258,10 @@ def cmd_run(args):
     method = get_method(args.method)
     overrides = _parse_sets(args.set)
     method.resolve_settings(overrides)  # validate names and values before any work
+    if args.seed is not None:
+        from .methods.registry import SEED
+
+        args.seed = SEED.parse(args.seed, method.name)
     spec = _spec_from_args(args)
     if args.engine == "dask":
         return _run_cohort(args, method, overrides, spec, sink, progress)
@@ -246,17 +297,13 @@ def _run_one(args, method, overrides, spec, lr, input_path, output, uncertainty,
     if uncertainty and "uncertainty" not in result.extras:
         progress.warning("Method %s produced no uncertainty map (it needs several samples); %s not written."
                          % (method.name, uncertainty))
-    written = []
-    try:
-        written.append(write_volume(result.volume, output))
+    with OutputSet() as outs:  # all or nothing: no file is replaced until every one is written and checked
+        outs.add(result.volume, output)
         if uncertainty and "uncertainty" in result.extras:
-            written.append(write_volume(result.extras["uncertainty"], uncertainty))
+            outs.add(result.extras["uncertainty"], uncertainty)
         if residual:
-            written.append(write_volume(result.residual, residual))
-    except BaseException:
-        for path in written:  # all or nothing
-            os.remove(path)
-        raise
+            outs.add(result.residual, residual)
+        written = outs.commit()
     sink({"event": "result", "input": input_path, "output": os.path.abspath(output),
           "seconds": round(time.monotonic() - t0, 3),
           "grid": {"shape": list(result.volume.grid.shape), "spacing": list(result.volume.grid.spacing)},
@@ -282,7 +329,10 @@ def _run_cohort(args, method, overrides, spec, sink, progress):
 
 
 def _run_batch(args, method, overrides, spec, sink, progress):
-    """Every volume of a folder, one progress stream; bad files reported and skipped; existing outputs skipped."""
+    """Every volume of a folder, one progress stream; bad files reported and skipped; good existing outputs skipped.
+
+    Ends with a `summary` event; exit 0 when no file failed, 4 (EXIT_SOME_FAILED) when some did, 2 when all did.
+    """
     inputs = list_volumes(args.input)
     if not inputs:
         raise InputError("No volumes in folder %s." % args.input, "Put .nii.gz, .nii, .nrrd or .mha files there.")
@@ -293,32 +343,49 @@ def _run_batch(args, method, overrides, spec, sink, progress):
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise InputError("With a folder as --input, --%s must be a folder too (%s is a file)." % (key, folder),
                              "Give a folder for the results.")
+        if not os.path.isdir(folder) and folder.lower().endswith(SUPPORTED_SUFFIXES):
+            raise InputError("With a folder as --input, --%s must be a folder, but %s is named like an image file."
+                             % (key, folder), "Give a folder for the results, e.g. --%s results/." % key)
         if os.path.abspath(folder) == os.path.abspath(args.input):
             raise InputError("--%s is the input folder." % key, "Write results to another folder; inputs are never touched.")
         os.makedirs(folder, exist_ok=True)
     prior = _load_prior_for(method, args, progress)
-    done, failed, skipped = 0, [], 0
+    done, skipped, failed = [], [], []
     for n, path in enumerate(inputs):
         name = os.path.basename(path)
         targets = {k: (os.path.join(f, name) if f else None) for k, f in folders.items()}
         if os.path.exists(targets["output"]):
-            skipped += 1
-            progress.warning("%s: output exists, skipped (delete it to redo)." % name)
-            continue
+            try:
+                check_volume_file(targets["output"])
+                skipped.append({"input": path, "reason": "output exists"})
+                progress.warning("%s: output exists, skipped (delete it to redo)." % name)
+                continue
+            except UserError as exc:  # cut short by a full disk or a kill: redo it
+                progress.warning("%s: the existing output is damaged (%s); redoing it." % (name, exc.problem))
         sub = progress.sub(n / len(inputs), (n + 1) / len(inputs))
         try:
             lr = read_volume(path)
             _run_one(args, method, overrides, spec, lr, path, targets["output"], targets["uncertainty"],
                      targets["residual"], prior, sink, sub)
-            done += 1
+            done.append(path)
         except UserError as exc:
-            failed.append(name)
+            failed.append({"input": path, "reason": str(exc), "exit_code": exc.exit_code})
             sink({"event": "warning", "message": "%s: skipped: %s" % (name, exc), "input": path})
             _log("warning: %s: skipped: %s" % (name, exc))
-    _log("batch: %d done, %d skipped (existing), %d failed%s" % (done, skipped, len(failed),
-                                                               (": " + ", ".join(failed)) if failed else ""))
-    if failed and not done and not skipped:
-        raise InputError("Every file in the batch failed (%d)." % len(failed), "See the warnings above.")
+    code = 0 if not failed else (EXIT_SOME_FAILED if done or skipped else EXIT_USER)
+    # the same keys as a cohort's summary (cohort.py): counts, then what failed and why
+    sink({"event": "summary", "total": len(inputs), "done": len(done), "skipped": len(skipped), "failed": len(failed),
+          "failures": failed, "exit_code": code})
+    _log("batch: %d done, %d skipped (existing), %d failed%s" % (
+        len(done), len(skipped), len(failed),
+        (": " + ", ".join(os.path.basename(f["input"]) for f in failed)) if failed else ""))
+    if failed:
+        names = ", ".join(os.path.basename(f["input"]) for f in failed)
+        if done or skipped:
+            _log("error: %d of %d files failed (%s); see the warnings above." % (len(failed), len(inputs), names))
+            return EXIT_SOME_FAILED
+        _log("error: every file in the batch failed (%d): %s; see the warnings above." % (len(failed), names))
+        return EXIT_USER
     return 0
 
 
@@ -331,8 +398,9 @@ def cmd_metrics(args):
     if mask not in ("auto", "none"):
         mask = read_volume(mask)
     scores = compare(ref, test, mask=mask, data_range=args.data_range, slice_axis=args.slice_axis)
-    if args.json:
-        print(json.dumps(scores, indent=1))
+    if args.json:  # strict JSON: PSNR of identical volumes is infinite, written as null
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scores.items()},
+                         indent=1, allow_nan=False))
     else:
         for k in ("psnr", "psnr_masked", "ssim", "ssim_masked", "ssim_slices", "ssim_slices_masked"):
             if k in scores:
@@ -352,20 +420,55 @@ COMMANDS = {"methods": cmd_methods, "devices": cmd_devices, "degrade": cmd_degra
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    jsonl = _wants_jsonl(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _ArgumentError as exc:
+        exc.parser.print_usage(sys.stderr)
+        sys.stderr.write("%s: error: %s\n" % (exc.parser.prog, exc))
+        if jsonl:
+            JsonLinesSink()({"event": "error", "message": "%s: %s" % (exc.parser.prog, exc), "exit_code": EXIT_USER})
+        return EXIT_USER
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
-    jsonl = getattr(args, "progress", None) == "jsonl"
+    previous = _on_sigterm()
     try:
         return int(handler(args) or 0)
     except UserError as exc:
         return _fail(str(exc), exc.exit_code, jsonl)
+    except Terminated:
+        return _fail("Terminated (SIGTERM); temporary files were removed.", Terminated.exit_code, jsonl)
     except (Cancelled, KeyboardInterrupt):
         return _fail("Cancelled.", EXIT_CANCELLED, jsonl)
     except Exception as exc:  # a bug: keep the traceback for the report, one line for the user
         traceback.print_exc(file=sys.stderr)
         return _fail("Internal error (%s: %s). Please report it with the log above." % (type(exc).__name__, exc),
                      EXIT_INTERNAL, jsonl)
+    finally:
+        remove_own_partials()  # a signal can land between creating a temporary file and the try that guards it
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _wants_jsonl(argv) -> bool:
+    """`--progress jsonl` among raw arguments (argparse may fail before it parses them; it accepts prefixes)."""
+    for i, a in enumerate(argv):
+        key, eq, value = a.partition("=")
+        if len(key) >= 4 and "--progress".startswith(key) and (value if eq else
+                                                               (argv[i + 1] if i + 1 < len(argv) else "")) == "jsonl":
+            return True
+    return False
+
+
+def _on_sigterm():
+    """Turn SIGTERM into an exception, so the `finally` blocks that remove temporary files run; the old handler."""
+    def raise_terminated(signum, frame):
+        raise Terminated("terminated by signal %d" % signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        return None
 
 
 def _fail(message, code, jsonl):

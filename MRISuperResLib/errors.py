@@ -20,6 +20,10 @@ class InputError(UserError):
     """Unreadable, malformed or unsuitable input file or argument."""
 
 
+class OutputError(InputError):
+    """An output could not be written completely (disk full, quota, permissions); nothing was replaced."""
+
+
 class ResourceError(UserError):
     """The run cannot fit the chosen device (memory or time)."""
 
@@ -32,10 +36,19 @@ class Cancelled(Exception):
     exit_code = 130
 
 
+class Terminated(Cancelled):
+    """The process was asked to stop (SIGTERM): cleaned up like a cancel, but told apart by its exit code."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+
+
 # Documented in README.md ("Exit codes").
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USER = UserError.exit_code
 EXIT_RESOURCE = ResourceError.exit_code
 EXIT_CANCELLED = Cancelled.exit_code
-EXIT_SOME_FAILED = 4  # a cohort run (`run --engine dask`) finished, but one or more files failed: see its manifest
+# a folder run (plain or `--engine dask`) went to the end, but some of its files failed: see its `summary` event
+# (and a cohort's manifest)
+EXIT_SOME_FAILED = 4
+EXIT_TERMINATED = Terminated.exit_code

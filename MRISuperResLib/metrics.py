@@ -36,6 +36,7 @@ def head_mask(vol: Volume) -> np.ndarray:
 
 
 def psnr(ref: np.ndarray, test: np.ndarray, data_range: float, mask: Optional[np.ndarray] = None) -> float:
+    """In dB; infinite for identical volumes (`metrics --json` writes that as null)."""
     diff = (np.asarray(test, np.float64) - np.asarray(ref, np.float64)) ** 2
     mse = float(diff[mask].mean()) if mask is not None else float(diff.mean())
     if mse == 0:
@@ -79,14 +80,15 @@ def ssim_slices(ref, test, data_range: float, axis: int = 2, mask=None) -> float
 def compare(reference: Volume, test: Volume, mask="auto", data_range: Optional[float] = None,
             slice_axis: int = 2, atol: float = 1e-4) -> dict:
     """All scores of `test` against `reference`; both must share one grid."""
-    if not reference.grid.allclose(test.grid, atol=atol):
-        raise InputError("Reference and test volumes are on different grids (reference %s, spacing %s; test %s, "
-                         "spacing %s)." % (reference.grid.shape, reference.grid.spacing, test.grid.shape,
-                                           test.grid.spacing),
+    differ = reference.grid.differences(test.grid, atol=atol)
+    if differ:
+        raise InputError("Reference and test volumes are on different grids: %s (reference vs test)." % "; ".join(differ),
                          "Compare volumes on the same grid (resample the test volume onto the reference first).")
     if isinstance(mask, Volume):
-        if not mask.grid.allclose(reference.grid, atol=atol):
-            raise InputError("The mask is on a different grid from the reference.", "Give a mask on the reference grid.")
+        differ = mask.grid.differences(reference.grid, atol=atol)
+        if differ:
+            raise InputError("The mask is on a different grid from the reference: %s (mask vs reference)."
+                             % "; ".join(differ), "Give a mask on the reference grid.")
         m = mask.array > 0.5
     elif mask == "auto":
         m = head_mask(reference)

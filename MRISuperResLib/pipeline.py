@@ -16,10 +16,11 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from . import native
+from . import memory, native
 from .devices import resolve_device
-from .errors import InputError
+from .errors import InputError, ResourceError
 from .methods import get_method
+from .methods.registry import SEED
 from .physics import OperatorSpec, hr_grid
 from .priors.card import gate_shortfall, method_defaults
 from .progress import Progress
@@ -53,8 +54,40 @@ def run_settings(method, settings: Optional[dict] = None, card: Optional[dict] =
     defaults = method_defaults(card, method.name, device_type) if isinstance(card, dict) else None
     resolved = method.resolve_settings(settings, defaults)
     if seed is not None and "seed" in resolved:
-        resolved["seed"] = int(seed)
+        resolved["seed"] = SEED.parse(seed, method.name)
     return resolved
+
+
+HR_COPIES_HOST = 4  # HR-sized float32 arrays alive at once on the host: result, a solver intermediate, two to write
+HR_COPIES_DEVICE = 3  # on a GPU: the estimate, an operator intermediate, the data-consistency correction
+
+
+def check_grid_fits(op, device) -> None:
+    """ResourceError (exit 3) with the numbers when the HR grid cannot even be held, before anything is allocated.
+
+    A floor for every method: the operator's per-axis matrices (float64 and float32, the operator and an
+    interpolator) and a few float32 copies of the HR volume. Methods with a prior add their own estimate
+    (priors/budget.py) when they start.
+    """
+    hr = 1
+    for n in op.hr_shape:
+        hr *= int(n)
+    matrices = sum(2 * 12.0 * op.hr_shape[a] * op.lr_shape[a] for a in op.axes)
+    what = "An HR grid of %s voxels (%s)" % (" x ".join(map(str, op.hr_shape)), _describe_factors(op))
+    fix = "Use a smaller --factor (the LR spacing over the HR spacing you want), or a machine with more memory."
+    memory.check_host(HR_COPIES_HOST * 4.0 * hr + matrices, what, fix)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        need = HR_COPIES_DEVICE * 4.0 * hr + matrices / 2
+        if need > memory.MARGIN * free:
+            raise ResourceError("%s needs about %s on %s, but only %s are free there." % (
+                what, memory.describe_bytes(need), device, memory.describe_bytes(free)),
+                "Use a smaller --factor, free GPU memory, or run on the CPU (--device cpu).")
+
+
+def _describe_factors(op) -> str:
+    return ", ".join("factor %g along axis %d" % (op.factors[a], a) for a in op.axes)
 
 
 @dataclass
@@ -93,6 +126,7 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
         progress.warning(str(w.message))
     out_grid = hr_grid(lr.grid, op)
     op = replace(op, hr_spacing=out_grid.spacing)
+    check_grid_fits(op, dev)
     gen = torch.Generator(device="cpu").manual_seed(int(resolved.get("seed", seed or 0)))
     y = torch.as_tensor(lr.array, dtype=torch.float32, device=dev)
     place = native.link(out_grid, op, y, prior, registration, progress) if grid_bound else None

@@ -7,6 +7,7 @@ turns them into one JSON object per stdout line:
     {"event": "progress", "fraction": 0.25, "step": 5, "total": 20, "message": "...", "eta_s": 12.3, ...}
     {"event": "warning",  "message": "..."}
     {"event": "result",   "output": "/path/out.nii.gz", "seconds": 4.2, ...}
+    {"event": "summary",  "total": 3, "done": [...], "skipped": [...], "failed": [...]}   (batch, last)
     {"event": "error",    "message": "...", "exit_code": 2}
     {"event": "summary",  "total": 7, "done": 6, "skipped": 0, "failed": 1, ...}   (end of a cohort run)
 

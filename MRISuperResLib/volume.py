@@ -5,19 +5,26 @@ transpose of ``sitk.GetArrayFromImage``). ``direction`` is a 3x3 matrix whose co
 is the physical direction of index axis ``a``; ``origin`` is the centre of voxel (0, 0, 0).
 """
 
+import hashlib
 import os
-import tempfile
+import re
+import secrets
+import socket
+import stat
+import time
 from dataclasses import dataclass, field, replace
-from typing import Tuple
+from typing import List, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from . import integrity, memory
+from .errors import InputError, OutputError
 
 GENERATED_DESCRIPTION = "AI-generated, research use only"
 # Single-file formats only: a detached header (.nhdr, .mhd) cannot be renamed atomically.
 SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+SPACING_RANGE_MM = (1e-3, 1e3)  # wider than any MRI voxel (preclinical ~0.01 mm, thick slabs ~10 mm)
 
 
 @dataclass(frozen=True)
@@ -62,12 +69,22 @@ class Grid:
         return np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
 
     def allclose(self, other: "Grid", atol: float = 1e-6) -> bool:
-        return (
-            self.shape == other.shape
-            and np.allclose(self.spacing, other.spacing, rtol=0, atol=atol)
-            and np.allclose(self.origin, other.origin, rtol=0, atol=atol)
-            and np.allclose(self.direction, other.direction, rtol=0, atol=atol)
-        )
+        return not self.differences(other, atol)
+
+    def differences(self, other: "Grid", atol: float = 1e-6) -> List[str]:
+        """What differs from `other`, one phrase per property: ["origin (0, 0, 0) vs (0, 0, 2)", ...]."""
+
+        def fmt(values):
+            return "(%s)" % ", ".join("%.6g" % v for v in values)
+
+        out = []
+        if self.shape != other.shape:
+            out.append("size %s vs %s" % ("x".join(map(str, self.shape)), "x".join(map(str, other.shape))))
+        for name in ("spacing", "origin", "direction"):
+            a, b = getattr(self, name), getattr(other, name)
+            if not np.allclose(a, b, rtol=0, atol=atol):
+                out.append("%s %s vs %s" % (name, fmt(a), fmt(b)))
+        return out
 
 
 @dataclass
@@ -127,6 +144,14 @@ def from_sitk(img: sitk.Image, source: str = "image") -> Volume:
         raise InputError("%s is %dD (size %s); a 3D volume is needed." % (source, dim, "x".join(map(str, img.GetSize()))),
                          "Give a single 3D volume (split 4D series first; 2D slices cannot be super-resolved here).")
     size = img.GetSize()
+    spacing = img.GetSpacing()
+    lo, hi = SPACING_RANGE_MM
+    odd = [a for a in range(3) if not lo <= spacing[a] <= hi]
+    if odd:
+        raise InputError("%s has an implausible voxel spacing of %s mm (axis %s); MRI voxels are %g to %g mm."
+                         % (source, " x ".join("%g" % v for v in spacing), ", ".join(map(str, odd)), lo, hi),
+                         "Its header is probably damaged or in the wrong units: set the spacing in mm (e.g. in "
+                         "Slicer's Volumes module) and save it again.")
     if min(size) < 2:
         raise InputError("%s is effectively 2D (size %s)." % (source, "x".join(map(str, size))),
                          "Give a 3D volume with at least 2 voxels along every axis.")
@@ -148,6 +173,7 @@ def from_sitk(img: sitk.Image, source: str = "image") -> Volume:
 
 
 def read_volume(path) -> Volume:
+    """Read one 3D volume, checking the file against its header before anything is allocated."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError("Input file not found: %s." % path, "Check the path.")
@@ -155,14 +181,39 @@ def read_volume(path) -> Volume:
         raise InputError("Input %s is a folder, not an image file." % path, "Give a .nii, .nii.gz, .nrrd or .mha file.")
     if not os.access(path, os.R_OK):
         raise InputError("Input file is not readable: %s." % path, "Check its permissions.")
+    name = os.path.basename(path)
+    try:
+        head = integrity.declared(path)
+    except RuntimeError as exc:
+        raise _unreadable(path, exc) from None
+    # ITK's buffer, its numpy copy, then float32 twice (the cast and the i, j, k-contiguous copy)
+    memory.check_host(2 * head.data_bytes + 8 * head.voxels, "Reading %s (%s)" % (name, head.describe()),
+                      "Check the file (is its header damaged?), or use a machine with more memory.")
+    integrity.check_complete(path, name)
     try:
         img = sitk.ReadImage(path)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "ERROR" in ln or "Could not" in ln or "Unable" in ln), "")
-        raise InputError("Cannot read %s as an image%s." % (path, (" (" + detail[:160] + ")") if detail else ""),
-                         "Give a NIfTI (.nii/.nii.gz), NRRD or MHA volume.") from None
-    return from_sitk(img, source=os.path.basename(path))
+        raise _unreadable(path, exc) from None
+    return from_sitk(img, source=name)
+
+
+def _unreadable(path, exc) -> InputError:
+    first = str(exc).strip().splitlines()
+    detail = next((ln.strip() for ln in first if "ERROR" in ln or "Could not" in ln or "Unable" in ln), "")
+    return InputError("Cannot read %s as an image%s." % (path, (" (" + detail[:160] + ")") if detail else ""),
+                      "Give a NIfTI (.nii/.nii.gz), NRRD or MHA volume.")
+
+
+def check_volume_file(path) -> None:
+    """InputError when an existing volume file is unreadable, cut short or empty (a batch redoes such outputs)."""
+    path = os.fspath(path)
+    if os.path.getsize(path) == 0:
+        raise InputError("%s is empty (0 bytes)." % os.path.basename(path), "Write it again.")
+    try:
+        integrity.declared(path)
+    except RuntimeError as exc:
+        raise _unreadable(path, exc) from None
+    integrity.check_complete(path)
 
 
 def list_volumes(folder) -> list:
@@ -200,9 +251,92 @@ def _umask() -> int:
     return mask
 
 
-def write_volume(vol: Volume, path, description=None, pixel_type: str = "float32") -> str:
-    """Write float32 (or, for small auxiliary images, uint8) voxels atomically: a temp file, then rename."""
-    path = check_output_path(path)
+# ---- writing: verified temporary files, renamed into place together ----
+#
+# A temporary file is named .mrisr-partial-<pid>-<host>-<random><suffix>, beside its target (a rename within a
+# folder is atomic). A process killed with SIGKILL cannot remove its own; the next write into that folder removes
+# those whose process is gone (same host), and any older than STALE_AFTER_S (other hosts sharing the folder).
+
+PARTIAL_PREFIX = ".mrisr-partial-"
+STALE_AFTER_S = 3600.0
+HOST_TAG = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+_PARTIAL_NAME = re.compile(r"^%s(?:(\d+)-([0-9a-f]{8})-)?" % re.escape(PARTIAL_PREFIX))
+_ACTIVE = set()  # this process's temporary files, never stale
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours but not in _ACTIVE: left by an earlier process that had our PID
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or cannot tell: keep it)
+    return True
+
+
+def clean_stale_partials(folder: str, now: float = None) -> List[str]:
+    """Remove temporary files that killed runs left in `folder`; the paths removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _PARTIAL_NAME.match(name)
+        path = os.path.join(folder, name)
+        if not m or path in _ACTIVE:
+            continue
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        old = now - st.st_mtime > STALE_AFTER_S
+        dead = m.group(1) is not None and m.group(2) == HOST_TAG and not _pid_alive(int(m.group(1)))
+        if old or dead:
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def _new_partial(folder: str, suffix: str) -> str:
+    # Registered before it exists, so that a signal arriving at any point leaves no file remove_own_partials misses.
+    while True:
+        tmp = os.path.join(folder, "%s%d-%s-%s%s" % (PARTIAL_PREFIX, os.getpid(), HOST_TAG, secrets.token_hex(5),
+                                                      suffix))
+        _ACTIVE.add(tmp)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return tmp
+        except FileExistsError:
+            _ACTIVE.discard(tmp)
+        except BaseException:
+            _ACTIVE.discard(tmp)
+            raise
+
+
+def remove_own_partials() -> None:
+    """Remove every temporary file this process still holds (the command line calls it on its way out)."""
+    for tmp in list(_ACTIVE):
+        _discard(tmp)
+
+
+def _discard(tmp: str):
+    try:
+        os.remove(tmp)
+    except FileNotFoundError:
+        pass
+    _ACTIVE.discard(tmp)
+
+
+def _to_writable(vol: Volume, description, pixel_type: str) -> sitk.Image:
     img = to_sitk(vol)
     if pixel_type == "uint8":
         img = sitk.Cast(sitk.Clamp(sitk.Round(img), sitk.sitkFloat32, 0, 255), sitk.sitkUInt8)
@@ -212,18 +346,115 @@ def write_volume(vol: Volume, path, description=None, pixel_type: str = "float32
     if desc:
         # ITK maps ITK_FileNotes to NIfTI's 'descrip' (80 chars) and keeps it as a field in NRRD and MHA.
         img.SetMetaData("ITK_FileNotes", desc[:79])
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = _suffix(path)
-    fd, tmp = tempfile.mkstemp(prefix=".mrisr-partial-", suffix=suffix, dir=folder)
-    os.close(fd)
+    return img
+
+
+def _verify_written(tmp: str, path: str, shape) -> None:
+    """Raise OutputError unless `tmp` holds a whole volume of `shape`: niftilib reports a short write only on stderr."""
     try:
-        sitk.WriteImage(img, tmp, useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        os.replace(tmp, path)
-    except RuntimeError as exc:
-        raise InputError("Could not write %s (%s)." % (path, str(exc).strip().splitlines()[-1][:160]),
-                         "Check free disk space and permissions.") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        size = integrity.declared(tmp).size
+        integrity.check_complete(tmp, os.path.basename(path))
+    except (RuntimeError, InputError) as exc:
+        detail = (exc.problem if isinstance(exc, InputError) else str(exc).strip().splitlines()[-1][:160]).rstrip(".")
+        raise OutputError("Could not write %s (disk full?): what reached the disk is incomplete (%s)." % (path, detail),
+                          "Free disk space or choose another folder; nothing was replaced.") from None
+    if tuple(size[:3]) != tuple(shape):
+        raise OutputError("Could not write %s: the file written holds %s voxels instead of %s." % (
+            path, "x".join(map(str, size)), "x".join(map(str, shape))), "Report this with the log.")
+
+
+class OutputSet:
+    """Every output of one run, all or nothing: each is written to a temporary file beside its target and read back
+    (`add`); only once all are written does `commit` rename them into place. A file that existed before is replaced
+    only by a commit, and a commit that fails half way puts back the files it had replaced.
+
+        with OutputSet() as outs:
+            outs.add(volume, "sr.nii.gz")
+            outs.add(residual, "res.nii.gz")
+            outs.commit()
+    """
+
+    def __init__(self):
+        self.staged = []  # (temporary path, target path)
+
+    def add(self, vol: Volume, path, description=None, pixel_type: str = "float32") -> str:
+        path = check_output_path(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        suffix = _suffix(path)
+        clean_stale_partials(folder)
+        img = _to_writable(vol, description, pixel_type)
+        try:
+            tmp = _new_partial(folder, suffix)
+        except OSError as exc:
+            raise OutputError("Could not write %s (%s)." % (path, exc.strerror or exc),
+                              "Free disk space or check the folder's permissions; nothing was replaced.") from None
+        try:
+            sitk.WriteImage(img, tmp, useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
+            _verify_written(tmp, path, vol.grid.shape)
+            os.chmod(tmp, 0o666 & ~_umask())  # created 0600 while partial; outputs get the usual permissions
+        except RuntimeError as exc:
+            _discard(tmp)
+            raise OutputError("Could not write %s (%s; disk full?)." % (path, str(exc).strip().splitlines()[-1][:160]),
+                              "Free disk space or check the folder's permissions; nothing was replaced.") from None
+        except BaseException:
+            _discard(tmp)
+            raise
+        self.staged.append((tmp, path))
+        return path
+
+    def commit(self) -> List[str]:
+        """Rename every staged file into place; the target paths."""
+        done = []  # (target, hard link to what it replaced or None, whether it existed)
+        try:
+            for tmp, path in self.staged:
+                existed, backup = os.path.exists(path), None
+                if existed:  # a second name for the old file: the target is never missing, even if killed here
+                    backup = _new_partial(os.path.dirname(os.path.abspath(path)), _suffix(path))
+                    try:
+                        os.remove(backup)
+                        os.link(path, backup)
+                    except OSError:  # no hard links on this file system: a failed rename cannot be undone
+                        _ACTIVE.discard(backup)
+                        backup = None
+                done.append((path, backup, existed))
+                os.replace(tmp, path)
+                _ACTIVE.discard(tmp)
+        except BaseException as exc:
+            for path, backup, existed in reversed(done):
+                try:
+                    if backup is not None:
+                        os.replace(backup, path)
+                        _ACTIVE.discard(backup)
+                    elif not existed and os.path.exists(path):
+                        os.remove(path)
+                except OSError:
+                    pass
+            self.discard()
+            if isinstance(exc, OSError):
+                raise OutputError("Could not move the outputs into place (%s)." % (exc.strerror or exc),
+                                  "Check the folders' permissions; nothing was replaced.") from None
+            raise
+        for _, backup, _ in done:
+            if backup is not None:
+                _discard(backup)
+        self.staged = []
+        return [path for path, _, _ in done]
+
+    def discard(self):
+        for tmp, _ in self.staged:
+            _discard(tmp)
+        self.staged = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.discard()  # nothing left after a commit; on an error, what was staged goes
+        return False
+
+
+def write_volume(vol: Volume, path, description=None, pixel_type: str = "float32") -> str:
+    """Write float32 (or, for small auxiliary images, uint8) voxels atomically: a verified temp file, then rename."""
+    with OutputSet() as outs:
+        outs.add(vol, path, description, pixel_type)
+        return outs.commit()[0]

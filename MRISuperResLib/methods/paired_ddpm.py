@@ -39,7 +39,8 @@ SETTINGS = [
             "deterministic, and with steps=1 the model's estimate of the conditional mean: near the average of many "
             "random samples (a little lower PSNR and SSIM) at the cost of one. One estimate, so no uncertainty map."),
     Setting("patch", "int", 0, "Cubic patch size at inference (0: the training patch). The network is fully "
-            "convolutional; larger patches spend less time on overlaps.", min=0, max=512),
+            "convolutional; larger patches spend less time on overlaps. A multiple of 4: the default prior's UNet "
+            "halves it twice (a deeper prior may need 8 or more, and says so).", min=0, max=512, multiple_of=4),
     Setting("overlap", "float", 0.25, "Overlap of neighbouring patches (fraction of the patch).", min=0.0, max=0.9),
     Setting("batch", "int", 2, "Patches per network call (each needs a few hundred MB on CPU; "
             "raise it on a GPU).", min=1, max=1024),
@@ -55,6 +56,17 @@ SETTINGS = [
     Setting("adapt_batch", "int", 4, "Patches per fine-tuning step.", min=1, max=256),
     SEED,
 ]
+
+
+def _check_patch(prior, patch):
+    """Each UNet level halves the patch and the skip connections need the halves to meet exactly."""
+    levels = len(((prior.card.get("networks") or {}).get("unet") or {}).get("kwargs", {}).get("channels") or [1])
+    multiple = 2 ** (levels - 1)
+    if any(p % multiple for p in patch):
+        raise InputError("Setting 'patch' of method 'paired-ddpm' must be a multiple of %d for prior '%s' (its UNet "
+                         "halves the patch %d times), got %s." % (multiple, prior.card.get("name"), levels - 1,
+                                                                 "x".join(map(str, patch))),
+                         "Example: --set patch=%d" % max(multiple, patch[0] // multiple * multiple))
 
 
 def _trained_for(prior, physics) -> bool:
@@ -153,6 +165,7 @@ def solve(y, physics, prior, settings, progress, generator):
         # of the cost; SSIM is lower (0.810 against 0.832), so samples stay the default.
         z = torch.zeros(hr, device=dev, dtype=dtype) if settings.get("mean_start") else randn(hr)
         patch = model.patch if not settings.get("patch") else (int(settings["patch"]),) * 3
+        _check_patch(prior, patch)
         skipped = [0, 0]
         batch = int(settings["batch"])
         for n, (t, ab_t, ab_prev) in enumerate(pairs, 1):

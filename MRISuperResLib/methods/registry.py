@@ -31,6 +31,7 @@ class Setting:
     min: Optional[float] = None
     max: Optional[float] = None
     choices: Optional[Sequence[str]] = None
+    multiple_of: Optional[int] = None  # int settings: the value must be a multiple of this (0 included)
 
     def __post_init__(self):
         if self.type not in TYPES:
@@ -67,9 +68,13 @@ class Setting:
         if self.type == "choice" and v not in self.choices:
             raise InputError("%s must be one of %s, got %r." % (where, ", ".join(self.choices), v), "")
         if self.min is not None and v < self.min:
-            raise InputError("%s must be >= %g, got %s." % (where, self.min, v), "")
+            raise InputError("%s must be >= %s, got %s." % (where, _number(self.min), v), "")
         if self.max is not None and v > self.max:
-            raise InputError("%s must be <= %g, got %s." % (where, self.max, v), "")
+            raise InputError("%s must be <= %s, got %s." % (where, _number(self.max), v), "")
+        if self.multiple_of and v % self.multiple_of:
+            near = max(self.multiple_of, int(round(v / self.multiple_of)) * self.multiple_of)
+            raise InputError("%s must be a multiple of %d, got %s." % (where, self.multiple_of, v),
+                             "Example: --set %s=%d" % (self.name, near))
         return v
 
     def to_json(self) -> dict:
@@ -152,4 +157,9 @@ def _load_builtin():
     from .. import methods  # noqa: F401
 
 
-SEED = Setting("seed", "int", 0, "Random seed (same seed, same result on the same device).", min=0)
+def _number(x) -> str:
+    return str(int(x)) if float(x).is_integer() else "%g" % x
+
+
+# The Slicer panel's integer fields and the synthetic-data seeds (training/synth.py) are 32-bit.
+SEED = Setting("seed", "int", 0, "Random seed (same seed, same result on the same device).", min=0, max=2 ** 31 - 1)

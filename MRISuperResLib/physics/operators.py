@@ -24,6 +24,7 @@ from ..errors import InputError
 from . import kernels
 
 KINDS = ("slice-removal", "thick-slice", "downsample", "kspace")
+MAX_AXIS_SIZE = 2 ** 31 - 1  # voxels along one axis: ITK's and NIfTI-2's index type is 32-bit at best
 PROFILES = ("gaussian", "box")
 
 
@@ -67,8 +68,15 @@ class OperatorSpec:
                 f = float(f)
             except (TypeError, ValueError):
                 raise InputError("Factor %r is not a number." % (f,), "Give a number > 1, e.g. 4.") from None
-            if not math.isfinite(f) or f <= 1.0:
+            if not math.isfinite(f):
+                raise InputError("Factor %g is not a finite number." % f,
+                                 "Give the ratio of LR to HR spacing, e.g. 4 for 4 mm slices on a 1 mm grid.")
+            if f <= 1.0:
                 raise InputError("Factor %g must be greater than 1." % f,
+                                 "Give the ratio of LR to HR spacing, e.g. 4 for 4 mm slices on a 1 mm grid.")
+            if f > MAX_AXIS_SIZE / 2:  # an LR axis has at least 2 samples
+                raise InputError("Factor %g is too large: at most %d, since an HR axis holds at most %d voxels."
+                                 % (f, MAX_AXIS_SIZE // 2, MAX_AXIS_SIZE),
                                  "Give the ratio of LR to HR spacing, e.g. 4 for 4 mm slices on a 1 mm grid.")
             if kind == "slice-removal" and abs(f - round(f)) > 1e-9:
                 raise InputError("Slice removal keeps 1 of every k slices, so its factor must be an integer (got %g)." % f,
@@ -125,6 +133,10 @@ class OperatorSpec:
         hr = []
         for a in range(3):
             f = self.factors[a]
+            if lr_shape[a] * f > MAX_AXIS_SIZE:
+                raise InputError("Factor %g makes an HR grid of %.3g voxels along axis %d (%d LR samples); at most %d "
+                                 "are possible." % (f, lr_shape[a] * f, a, lr_shape[a], MAX_AXIS_SIZE),
+                                 "Give the ratio of LR to HR spacing, e.g. 4 for 4 mm slices on a 1 mm grid.")
             n = lr_shape[a] if f == 1.0 else self.hr_size(lr_shape[a], f)
             if f != 1.0 and abs(lr_shape[a] * f - n) > 1e-6:
                 warnings.warn("LR size %d times factor %g is not an integer along axis %d: the HR grid has %d voxels."

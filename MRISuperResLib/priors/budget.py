@@ -22,6 +22,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .. import memory
 from ..errors import ResourceError
 from . import networks
 from .generator import decoder_segments
@@ -165,24 +166,13 @@ def estimate(card: dict, method: str, device, iterations: int, ddim_steps: int =
 
 
 def available_memory(device) -> float:
-    """Bytes that can still be allocated: MemAvailable (Linux) on CPU, free GPU memory on CUDA."""
+    """Bytes that can still be allocated: free GPU memory on CUDA; on the CPU see memory.host_available (the
+    smallest of MemAvailable, the cgroup's room and the process's own limits)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return float(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:  # other POSIX systems: physical pages (an upper bound)
-        import os
-
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return math.inf
+    return memory.host_available()
 
 
 def check_fits(est: Estimate, what: str, available: Optional[float] = None, margin: float = 0.9) -> None:

@@ -31,6 +31,15 @@ def sanitise_name(name: str) -> str:
     return s
 
 
+def check_name(name: str) -> str:
+    """A name the user chose, refused (not quietly changed) unless it is already a safe folder name."""
+    if sanitise_name(name) != str(name):
+        raise InputError("'%s' cannot be used as a model name." % name,
+                         "Use lower-case letters, digits, '.', '_' or '-' (not first or last), at most 64 characters, "
+                         "e.g. --name my-prior.")
+    return str(name)
+
+
 def read_card(folder: str) -> dict:
     """The checked model card of the prior stored in `folder`."""
     path = os.path.join(folder, CARD_FILE)

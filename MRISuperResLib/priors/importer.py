@@ -32,6 +32,8 @@ def import_model(paths: Sequence[str], name: Optional[str] = None, allow_unverif
                  published_card: Optional[dict] = None, published_md5: Optional[Dict[str, str]] = None) -> dict:
     """Import and return the new prior's card. `published_*` replace the published prior's card/md5 (tests)."""
     paths = [os.path.abspath(os.path.expanduser(p)) for p in ([paths] if isinstance(paths, str) else paths)]
+    if name is not None:
+        cards.check_name(name)
     for p in paths:
         if not os.path.exists(p):
             raise InputError("%s does not exist." % p, "Give the downloaded folder, zip or weight files.")

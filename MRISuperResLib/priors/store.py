@@ -203,6 +203,29 @@ def default_prior_folder(kind: str, device_type: str = "cpu") -> str:
     return cands[0]["folder"]
 
 
+def run_defaults(method: str, kind: str, device_types=("cpu", "cuda")) -> dict:
+    """Where a run's settings come from for a method with a prior, for `methods`: the schema's defaults, then the
+    chosen prior's card (`method_defaults`, per device type), then --set.
+
+    {"default_prior": {device type: name or None}, "prior_defaults": {prior name: {device type: {setting: value}}}}
+    """
+    per_prior = {}
+    for item in installed():
+        try:
+            card = cards.read_card(item["folder"])
+        except UserError:
+            continue
+        if card["kind"] == kind:
+            per_prior[card["name"]] = {d: cards.method_defaults(card, method, d) for d in device_types}
+    chosen = {}
+    for d in device_types:
+        try:
+            chosen[d] = cards.read_card(default_prior_folder(kind, d))["name"]
+        except UserError:
+            chosen[d] = None
+    return {"default_prior": chosen, "prior_defaults": per_prior}
+
+
 def default_prior(kind: str, device="cpu") -> Prior:
     dev = torch.device(device)
     return load_prior(default_prior_folder(kind, dev.type), dev, kind=kind)

@@ -41,6 +41,12 @@ def test_methods_json_contract():
             assert set(s) >= {"name", "type", "default", "min", "max", "choices", "help"}
             if "iteration" in s["name"]:
                 assert s["name"] == "iterations"
+        if m["needs_prior"]:  # where a run's defaults come from: the schema, then the prior's card per device
+            assert "defaults_from" in m and set(m["default_prior"]) == {"cpu", "cuda"}
+            names = {s["name"] for s in m["settings"]}
+            for prior, per_device in m["prior_defaults"].items():
+                assert all(set(values) <= names for values in per_device.values()), prior
+            assert all(p is None or p in m["prior_defaults"] for p in m["default_prior"].values())
 
 
 def test_devices_json():
@@ -98,6 +104,14 @@ BAD = [
     (["degrade", "--input", "{d}/hr.nii.gz", "--output", "{d}/x.nii.gz", "--operator", "kspace", "--factor", "0.5"],
      2, "greater than 1"),
     (["metrics", "--reference", "{d}/hr.nii.gz", "--test", "{d}/lr.nrrd"], 2, "different grids"),
+    # numbers too large for what consumes them are refused where they are parsed, not met as OverflowError
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--operator", "thick-slice", "--factor", "1e308"],
+     2, "too large"),
+    (["run", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--seed", "99999999999999999999999"], 2, "seed"),
+    (["run", "--method", "kspace-vdm", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--set",
+      "seed=99999999999999999999999"], 2, "seed"),
+    (["run", "--method", "paired-ddpm", "--input", "{d}/lr.nrrd", "--output", "{d}/x.nii.gz", "--set", "patch=30"],
+     2, "multiple of 4"),
 ]
 
 
@@ -141,17 +155,31 @@ def test_batch_over_folder_skips_bad_files_and_resumes(tmp_path):
         write_volume(Volume.from_array(phantom((10, 12, 4), seed=n) * 100, spacing=(1, 1, 4)), str(src / ("s%d.nrrd" % n)))
     (src / "broken.nii.gz").write_bytes(b"garbage")
     dst = tmp_path / "out"
-    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=0)
+    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=4)
     events = [e for e in map(parse_event, r.stdout.splitlines()) if e]
     assert sorted(os.listdir(dst)) == ["s0.nrrd", "s1.nrrd"]
     assert any(e["event"] == "warning" and "broken.nii.gz" in e["message"] for e in events)
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
     assert fractions == sorted(fractions) and fractions[-1] <= 1.0
     assert sum(e["event"] == "result" for e in events) == 2
+    summary = events[-1]  # some files failed: exit 4, and the last event says which and why
+    assert summary["event"] == "summary" and (summary["total"], summary["done"], summary["failed"]) == (3, 2, 1)
+    assert [os.path.basename(f["input"]) for f in summary["failures"]] == ["broken.nii.gz"]
+    assert summary["failures"][0]["reason"] and summary["failures"][0]["exit_code"] == 2 and summary["exit_code"] == 4
     assert read_volume(str(dst / "s0.nrrd")).grid.shape == (10, 12, 16)
     mtime = os.path.getmtime(dst / "s0.nrrd")
-    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=0)
-    assert os.path.getmtime(dst / "s0.nrrd") == mtime  # resumable: existing outputs are skipped
+    (dst / "s1.nrrd").write_bytes((dst / "s1.nrrd").read_bytes()[:300])  # cut short, as by a full disk
+    r = cli("run", "--input", src, "--output", dst, "--method", "bspline", "--progress", "jsonl", check=4)
+    assert os.path.getmtime(dst / "s0.nrrd") == mtime  # resumable: good existing outputs are skipped
     assert "output exists" in r.stdout
+    events = [e for e in map(parse_event, r.stdout.splitlines()) if e]
+    redone = [os.path.basename(e["output"]) for e in events if e["event"] == "result"]
+    assert redone == ["s1.nrrd"]  # the damaged one was redone
+    assert (events[-1]["done"], events[-1]["skipped"]) == (1, 1)
+    assert read_volume(str(dst / "s1.nrrd")).grid.shape == (10, 12, 16)
+    os.remove(src / "broken.nii.gz")
+    cli("run", "--input", src, "--output", dst, "--method", "bspline", check=0)  # nothing failed: exit 0
     r = cli("run", "--input", src, "--output", src, "--method", "bspline")
     assert r.returncode == 2 and "input folder" in r.stderr
+    r = cli("run", "--input", src, "--output", tmp_path / "x.nii.gz", "--method", "bspline")
+    assert r.returncode == 2 and "must be a folder" in r.stderr and not (tmp_path / "x.nii.gz").exists()

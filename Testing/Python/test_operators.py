@@ -163,8 +163,16 @@ def test_batch_dimensions():
     (("slice-removal", 2, 2.5), "integer"),
     (("thick-slice", (0, 1), 2), "one axis"),
     (("blur", 2, 2), "Unknown operator"),
-    (("thick-slice", 2, float("nan")), "greater than 1"),
+    (("thick-slice", 2, float("nan")), "not a finite number"),
+    (("thick-slice", 2, float("inf")), "not a finite number"),
+    (("thick-slice", 2, 1e308), "too large"),
 ])
 def test_bad_arguments(args, words):
     with pytest.raises(InputError, match=words):
         OperatorSpec.make(*args)
+
+
+def test_hr_grid_too_large_for_an_index_is_a_bad_request():
+    spec = OperatorSpec.make("thick-slice", 2, 1e8)
+    with pytest.raises(InputError, match="at most"):
+        spec.bind_lr((4, 4, 30))

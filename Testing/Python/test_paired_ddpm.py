@@ -127,6 +127,20 @@ def test_wrong_prior_is_a_clear_error(prior):
         _run(tiny_vdm_prior(0)[0], lr, spec)
 
 
+def test_patch_must_suit_the_unet(prior):
+    """Every UNet level halves the patch; sizes that do not halve evenly made "Sizes of tensors must match"."""
+    spec, lr = _lr()
+    with pytest.raises(InputError, match="multiple of 4") as exc:  # the schema, for the default prior's depth
+        _run(prior, lr, spec, patch=30)
+    assert "patch=32" in exc.value.fix
+    deep = tiny_paired(0)[0]
+    unet = dict(deep.card["networks"]["unet"])
+    unet["kwargs"] = dict(unet["kwargs"], channels=[8, 8, 8, 8])
+    deep.card = dict(deep.card, networks=dict(deep.card["networks"], unet=unet))
+    with pytest.raises(InputError, match="multiple of 8 for prior"):  # deeper: its own card says how deep
+        _run(deep, lr, spec, patch=12)
+
+
 def test_cli_run_with_uncertainty(tmp_path):
     prior, kw = tiny_paired(3)
     write_prior(str(tmp_path / "prior"), prior.card, {"unet": (prior.networks["unet"], kw)})

@@ -124,7 +124,12 @@ def test_zip_entries_that_escape_are_refused(tmp_path, entry, user_store):
 
 def test_our_format_names_remove_and_duplicates(tmp_path, user_store):
     src = synthetic.write_prior(synthetic.random_prior(synthetic.tiny_card(name="orig")), str(tmp_path / "src"))
-    card = import_model([src], name="../My Prior!!")
+    for bad in ("../My Prior!!", "../../evil", "My-Prior"):  # a name the user chose is refused, never rewritten
+        with pytest.raises(InputError, match="cannot be used as a model name") as exc:
+            import_model([src], name=bad)
+        assert "letters, digits" in exc.value.fix
+    assert not (tmp_path / "evil").exists() and not (user_store / "evil").exists()
+    card = import_model([src], name="my-prior")
     assert card["name"] == "my-prior"
     assert (user_store / "my-prior" / "model.json").exists() and not (tmp_path / "My Prior!!").exists()
     with pytest.raises(InputError, match="already installed"):
