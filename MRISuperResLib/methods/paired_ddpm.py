@@ -54,6 +54,9 @@ SETTINGS = [
             "bound it).", min=0.0, max=86400.0),
     Setting("adapt_lr", "float", 1e-4, "Learning rate of the fine-tuning.", min=1e-7, max=1e-1),
     Setting("adapt_batch", "int", 4, "Patches per fine-tuning step.", min=1, max=256),
+    Setting("adapt_from", "choice", "interpolation", "What the training pairs are cut from: the B-spline "
+            "interpolation of the scan, or the model's own quick estimate (one deterministic pass; sharp along the "
+            "thick axis too).", choices=("interpolation", "estimate")),
     SEED,
 ]
 
@@ -140,8 +143,16 @@ def solve(y, physics, prior, settings, progress, generator):
             progress.warning("Not learning from this scan: %s. Sampling with the prior as shipped." % reason)
         else:
             phase = progress.sub(0.0, ADAPT_SHARE)
-            with torch.no_grad():
-                volume = physics.upsample(scale.to_unit(y.to(dtype)), "cubic")
+            if settings.get("adapt_from") == "estimate":
+                # Why: pairs cut from the B-spline volume are smooth along the thick axis, unlike anything sampling
+                # sees; the model's own one-pass estimate is sharp along every axis, so its pairs look like the input
+                first = solve(y, physics, prior, dict(settings, adapt=False, samples=1, mean_start=True, steps=1,
+                                                      project=False), progress.sub(0.0, 0.1 * ADAPT_SHARE), generator)
+                volume = scale.to_unit(first.x.to(dtype))
+                phase = progress.sub(0.1 * ADAPT_SHARE, ADAPT_SHARE)
+            else:
+                with torch.no_grad():
+                    volume = physics.upsample(scale.to_unit(y.to(dtype)), "cubic")
             source = ScanPairs(volume, physics, model.patch, floor=AIR_LEVEL)
             model, adapted = adapt(model, source, [t for t, _, _ in pairs], generator, int(settings["adapt_steps"]),
                                    float(settings["adapt_seconds"]), float(settings["adapt_lr"]),

@@ -56,7 +56,8 @@ def edge_l1(a, b):
 def synth_from_options(options: dict) -> BrainSynth:
     s = options["synth"]
     return BrainSynth(SynthConfig(shape=tuple(s["shape"]), orientation=s.get("orientation", "LAS"),
-                                  downsample=s.get("downsample", 1), head=s.get("head", True)))
+                                  downsample=s.get("downsample", 1), head=s.get("head", True),
+                                  contrast=s.get("contrast", "t1")))
 
 
 def draw_train_seeds(generator: torch.Generator, count: int, pool: int = 0):

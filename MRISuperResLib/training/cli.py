@@ -71,6 +71,9 @@ def _common(p):
     p.add_argument("--grid", type=int, nargs=3, default=None, help="1 mm grid shape (default 160 224 160).")
     p.add_argument("--downsample", type=int, default=None, help="Train on an f mm grid (shape / f).")
     p.add_argument("--no-head", action="store_true", default=None, help="Skull-stripped brains (no scalp shell).")
+    p.add_argument("--contrast", default=None, choices=["t1", "t2", "flair", "pd", "random", "mixed"],
+                   help="Tissue contrast of the synthetic brains (default t1; mixed: each brain draws T1, T2, FLAIR, "
+                        "PD or a random tissue order, SynthSR-style).")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--pool", type=int, default=None,
                    help="Draw brains from the first N training seeds only (0: a new brain every time).")
@@ -138,6 +141,8 @@ def _synth_options(args, base=None):
         s["downsample"] = args.downsample
     if args.no_head:
         s["head"] = False
+    if getattr(args, "contrast", None):
+        s["contrast"] = args.contrast
     return s
 
 
@@ -358,7 +363,8 @@ def export_run(task, run_dir, out, name=None, eval_count=4, title="", descriptio
     _log("scoring %d held-out brains..." % eval_count)
     metrics = task.evaluate(split_seeds("heldout", eval_count)) if eval_count else {}
     training = {
-        "data": "Synthetic T1-like brains from nilearn's MNI152 2009a template (MRISuperResLib.training.synth), "
+        "data": "Synthetic brains (%s contrast) from nilearn's MNI152 2009a template (MRISuperResLib.training.synth), "
+                % (run["options"].get("synth") or {}).get("contrast", "T1-like") +
                 "training seeds < 1000000; held-out metrics on seeds 1000000..%d" % (1_000_000 + eval_count - 1),
         "command": command_line_of(run),
         "steps": steps, "held_out_metrics": metrics, "synth": run["options"].get("synth"),
