@@ -275,6 +275,10 @@ class MRISuperResLogic:
     def addResults(self, run: SuperResolutionRun, paths: Dict[str, str]) -> Dict[str, object]:
         """Read every result file into detached nodes, then (all read) put them in the scene."""
         loaded = {role: readVolumeFile(path) for role, path in paths.items()}
+        scene = run.scene  # the run's own scene, never whichever scene is current now
+        problem = run.sceneProblem()
+        if problem:
+            raise run._cancelled(problem)
         inputNode = run.inputNode
         baseName = "%s_SR-%s" % (inputNode.GetName(), run.request.method)
         targets = {"output": run.outputNode}
@@ -284,8 +288,8 @@ class MRISuperResLogic:
             target = targets.get(role)
             name = baseName if role == "output" else "%s_%s" % (baseName, role)
             if target in (None, True):
-                detached.SetName(self.scene.GenerateUniqueName(name))
-                node = self.scene.AddNode(detached)
+                detached.SetName(scene.GenerateUniqueName(name))
+                node = scene.AddNode(detached)
             else:
                 node = target
                 matrix = vtk.vtkMatrix4x4()
@@ -298,13 +302,14 @@ class MRISuperResLogic:
             node.SetAttribute("MRISuperRes.method", run.request.method)
             node.SetAttribute("MRISuperRes.role", role)
             node.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
-            self._placeInHierarchy(inputNode, node)
+            self._placeInHierarchy(scene, inputNode, node)
             self._setWindowLevel(node)
             nodes[role] = node
         return nodes
 
-    def _placeInHierarchy(self, inputNode, node):
-        sh = self.scene.GetSubjectHierarchyNode() if hasattr(self.scene, "GetSubjectHierarchyNode") else None
+    @staticmethod
+    def _placeInHierarchy(scene, inputNode, node):
+        sh = scene.GetSubjectHierarchyNode() if hasattr(scene, "GetSubjectHierarchyNode") else None
         if sh is None:
             return
         inputItem = sh.GetItemByDataNode(inputNode)
