@@ -158,11 +158,13 @@ class MRISuperResLogic:
 
         return missingModules(self.commandBuilder)
 
-    def installDependencies(self, logCallback: Optional[Callable[[str], None]] = None) -> List[str]:
-        """Install what the worker lacks (torch via the PyTorch extension); returns what was installed."""
+    def installDependencies(self, logCallback: Optional[Callable[[str], None]] = None,
+                            pipRunner: Optional[Callable] = None) -> List[str]:
+        """Install what the worker lacks (torch via the PyTorch extension, the rest with pip, never replacing
+        torch, numpy or SimpleITK); returns what was installed. `pipRunner(args, log)` replaces pip (tests)."""
         from .dependencies import install
 
-        return install(self.commandBuilder, logCallback)
+        return install(self.commandBuilder, logCallback, pipRunner)
 
     # ---- temp folders ----
 

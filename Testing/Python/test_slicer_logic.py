@@ -19,7 +19,7 @@ from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "MRISuperRes"))
 
-from MRISuperResModuleLib.logic import MRISuperResCancelled, MRISuperResError, MRISuperResLogic, RunOptions, defaultCommandBuilder  # noqa: E402
+from MRISuperResModuleLib.logic import MRISuperResCancelled, MRISuperResError, MRISuperResLogic, RunOptions  # noqa: E402
 from MRISuperResModuleLib.protocol import Degradation  # noqa: E402
 from slicer_test_support import addVolume as _addVolume  # noqa: E402
 from slicer_test_support import alive as _alive  # noqa: E402
@@ -301,20 +301,6 @@ def test_default_prior_method_round_trip(scene, tmp_path, methods):
                         options=RunOptions(device="cpu", seed=0))
     assert _voxels(out).shape == tuple(shape) and np.isfinite(_voxels(out)).all()
     assert out.GetAttribute("MRISuperRes.method") == method["name"]
-
-
-def test_dependencies_are_checked_without_importing_and_slicer_packages_never_reinstalled(tmp_path):
-    def bareBuilder(cliArgs):  # -S: a Python without site-packages, so nothing but the standard library
-        argv, env = defaultCommandBuilder(cliArgs)
-        return [sys.executable, "-S", "-m", "MRISuperResLib"] + list(cliArgs), env
-
-    logic = MRISuperResLogic(bareBuilder, tempRoot=_blankTempRoot(tmp_path))
-    missing = logic.missingDependencies()
-    assert {"torch", "monai", "SimpleITK", "numpy"} <= set(missing)
-    logs = []
-    with pytest.raises(MRISuperResError, match="ships with Slicer") as info:
-        logic.installDependencies(logs.append)
-    assert "numpy" in info.value.problem and "SimpleITK" in info.value.problem and logs == []  # refused before pip
 
 
 def test_logic_import_does_not_import_torch_or_qt():
