@@ -350,7 +350,7 @@ def writeVolumeFile(node, path: str, compress: bool = False):
                                "Check free disk space and that the folder is writable.")
 
 
-def readVolumeFile(path: str):
+def readVolumeFile(path: str, what: str = "the result"):
     """A new scalar volume node, not in any scene, holding the file's voxels and geometry."""
     node = slicer.vtkMRMLScalarVolumeNode()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -358,7 +358,10 @@ def readVolumeFile(path: str):
     # Keep the file's index axes as they are: axis k of the result is axis k of the input.
     storage.SetForceRightHandedIJKCoordinateSystem(False)
     if not os.path.isfile(path) or not storage.ReadData(node) or node.GetImageData() is None:
-        raise MRISuperResError("Could not read the result %s." % path, "Report this with the log.")
+        if what == "the result":
+            raise MRISuperResError("Could not read the result %s." % path, "Report this with the log.")
+        raise MRISuperResError("Could not read %s %s." % (what, path),
+                               "Check that it is a readable volume file (.nii.gz, .nii, .nrrd, .mha, .mhd).")
     return node
 
 

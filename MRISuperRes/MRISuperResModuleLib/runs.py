@@ -17,6 +17,10 @@ from .worker import STDOUT
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 EXIT_CANCELLED = 130
+# Exit code -> what to do; the worker's message already names what was wrong (exit codes: the library's README).
+FIXES = {1: "This is a bug in MRISuperRes: please report it with the log.",
+         2: "Change the input or the setting named above, and run again.",
+         3: "Choose the CPU, a smaller model or fewer samples."}
 LOG_LINES = 2000
 
 
@@ -210,7 +214,7 @@ class SuperResolutionRun:
             tail = [line for line in self.log if line.strip()][-3:]
             message = "The worker failed (exit code %s)%s" % (returncode, (": " + " | ".join(tail)) if tail else ".")
             code = returncode
-        fix = {2: "", 3: "Choose the CPU, a smaller model or fewer samples."}.get(code, "See the log for details.")
+        fix = FIXES.get(code, "See the log for details.")
         return MRISuperResError(message, fix, code, self.log)
 
     def _finish(self, state, error):
