@@ -445,7 +445,7 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind in ("warning", "error"):
             self.log("%s: %s" % (kind, message))
         elif kind == "log":
-            self.log(str(event.get("message", "")))  # the worker's own output, unchanged for reports
+            self.log(message)  # the worker's own output lines, with temp files and flags named as in the panel
         elif kind == "finished":
             self.onRunFinished(event)
             return
@@ -463,7 +463,8 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=run.outputNode, fit=True)
         elif event["state"] == "failed" and run is not None:
             slicer.util.errorDisplay("Super-resolution failed.\n\n" + messages.errorText(run.error, self.words),
-                                     windowTitle="MRISuperRes", detailedText="\n".join(run.log))
+                                     windowTitle="MRISuperRes",
+                                     detailedText="\n".join(messages.forPanel(line, self.words) for line in run.log))
         self.refresh()
 
 

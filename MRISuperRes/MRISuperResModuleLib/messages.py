@@ -9,8 +9,8 @@ The library writes for its command line ("override with --operator/--axis/--fact
     /tmp/.../input.nrrd            ->  'T1_thick'
     {"operator": "thick-slice", "axes": [2], "factors": [4.0], ...}  ->  thick slices along axis 2 (k), factor 4
 
-Qt-free and torch-free; the Widget calls `forPanel` on every event message and error it shows, and
-`errorText` for dialogs. The worker's raw output lines stay unchanged in the Log (they are for reports).
+Qt-free and torch-free; the Widget calls `forPanel` on every message, log line and error it shows, and
+`errorText` for dialogs. The Logic and the batch script keep the worker's own words (their users type flags).
 """
 
 import json

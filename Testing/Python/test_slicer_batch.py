@@ -7,6 +7,7 @@ script's own list). In Slicer the same script runs as `Slicer --no-main-window -
 import importlib.metadata
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -99,6 +100,21 @@ def test_exit_3_when_the_worker_python_lacks_packages(tmp_path):
                   python=python)
     assert proc.returncode == 3 and "ship with Slicer" in proc.stderr and "SimpleITK is missing" in proc.stderr
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_exit_130_when_interrupted(tmp_path):
+    inputs, out, temp = _inputs(tmp_path), tmp_path / "out", tmp_path / "temp"
+    temp.mkdir()
+    env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(temp))  # the Logic's temp folders go there
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--input-folder", str(inputs), "--output-folder", str(out),
+                             "--method", "trilinear", "--pattern", "a*"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.readline()  # "[1/1] a.nii.gz -> ...": the worker is starting (it takes seconds)
+    assert first.startswith("[1/1] a.nii.gz"), first + proc.stderr.read()
+    proc.send_signal(signal.SIGINT)  # Ctrl+C
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "error: interrupted." in err
+    assert os.listdir(out) == [] and os.listdir(temp / "MRISuperRes") == []  # the run's temp folder is gone
 
 
 def test_readme_documents_every_exit_code():

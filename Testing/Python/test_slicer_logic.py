@@ -304,9 +304,12 @@ def test_default_prior_method_round_trip(scene, tmp_path, methods):
 
 
 def test_logic_import_does_not_import_torch_or_qt():
-    code = ("import sys; sys.path.insert(0, %r); import MRISuperResModuleLib.logic, MRISuperResModuleLib.presenter; "
+    folder = os.path.join(REPO, "MRISuperRes", "MRISuperResModuleLib")
+    names = sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and n != "__init__.py")
+    assert {"logic", "presenter", "messages", "dependencies", "runs"} <= set(names)
+    code = ("import sys; sys.path.insert(0, %r); import %s; "
             "bad = [m for m in ('torch', 'qt', 'ctk', 'MRISuperResLib') if m in sys.modules]; print(bad)"
-            % os.path.join(REPO, "MRISuperRes"))
+            % (os.path.join(REPO, "MRISuperRes"), ", ".join("MRISuperResModuleLib." + n for n in names)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

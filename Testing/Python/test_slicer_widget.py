@@ -202,7 +202,8 @@ def test_error_dialog_in_the_panels_words(panel):
                     "handles: kspace. Choose another method or operator.\n\nHow to fix: Change the input or the "
                     "setting named above, and run again.")
     details = [kw["detailedText"] for kind, _t, kw in panel.dialogs.shown if kind == "error"][0]
-    assert "error: Method kspace-vdm is not built" in details
+    assert "error: Method kspace-vdm is not built" in details and "'T1_thick': degradation inferred" in details
+    assert "--" not in details and ".nrrd" not in details  # the worker's log, in the panel's words too
     assert volumeNames(panel.scene) == ["T1_thick"] and panel.q("applyButton").text() == "Apply"
 
 
