@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -109,12 +110,17 @@ def test_exit_130_when_interrupted(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT, "--input-folder", str(inputs), "--output-folder", str(out),
                              "--method", "trilinear", "--pattern", "a*"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    first = proc.stdout.readline()  # "[1/1] a.nii.gz -> ...": the worker is starting (it takes seconds)
+    first = proc.stdout.readline()  # "[1/1] a.nii.gz -> ...": the run is being set up
     assert first.startswith("[1/1] a.nii.gz"), first + proc.stderr.read()
+    runs = temp / "MRISuperRes"
+    deadline = time.monotonic() + 60
+    while not (runs.is_dir() and os.listdir(runs)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the worker starts once the run's temp folder exists; it then takes seconds
+    assert os.listdir(runs), "the run did not start"
     proc.send_signal(signal.SIGINT)  # Ctrl+C
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "error: interrupted." in err
-    assert os.listdir(out) == [] and os.listdir(temp / "MRISuperRes") == []  # the run's temp folder is gone
+    assert os.listdir(out) == [] and os.listdir(runs) == []  # the run's temp folder is gone
 
 
 def test_readme_documents_every_exit_code():

@@ -8,6 +8,7 @@ where a test needs time to act).
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -178,7 +179,7 @@ def test_progress_events_reach_the_bar_and_its_text(panel):
     texts = [t for _v, _m, t in seen]
     assert texts[0].startswith("Starting the worker...") and seen[0][1] == 0
     warm = [(v, t) for v, _m, t in seen if "Warming up" in t]
-    assert warm and all(t.startswith("Step ") and " - Warming up - ETA 0:01 (0:0" in t for _v, t in warm)
+    assert warm and all(re.fullmatch(r"Step \d+/20 - Warming up - ETA 0:01 \(\d+:\d\d elapsed\)", t) for _v, t in warm)
     assert any(v == round(100 * int(t.split("/")[0][5:]) / 20) and v > 0 for v, t in warm)
     name = "T1_thick_SR-trilinear"
     assert panel.q("statusLabel").text().startswith("Done in ") and panel.q("statusLabel").text().endswith(
