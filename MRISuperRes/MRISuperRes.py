@@ -11,12 +11,15 @@ The panel's decisions live in `MRISuperResModuleLib.presenter`; the Widget only 
 """
 
 import json
+import sys
+import time
 
 import ctk
 import qt
 import slicer
 import vtk
-from MRISuperResModuleLib import presenter
+from MRISuperResModuleLib import messages, presenter
+from MRISuperResModuleLib.about import ACKNOWLEDGEMENT_TEXT, HELP_TEXT
 from MRISuperResModuleLib.logic import MRISuperResError, MRISuperResLogic, RunOptions
 from MRISuperResModuleLib.protocol import OPERATORS, PROFILES
 from slicer import vtkMRMLScalarVolumeNode
@@ -55,11 +58,8 @@ class MRISuperRes(ScriptedLoadableModule):
         self.parent.categories = ["Filtering"]
         self.parent.dependencies = []
         self.parent.contributors = ["MRISuperRes developers"]
-        self.parent.helpText = (
-            "Super-resolves thick-slice or truncated k-space brain MRI (baselines, and diffusion priors when a "
-            "model is installed). Results are AI-generated: research use only, not for clinical use.")
-        self.parent.acknowledgementText = (
-            "Uses MONAI and PyTorch. The brain prior of Pinaya et al. 2022 (UK Biobank) is imported by the user.")
+        self.parent.helpText = HELP_TEXT
+        self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
 
 
 @parameterNodeWrapper
@@ -111,14 +111,17 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.run = None
+        self.runProgress = None  # presenter.RunProgress of the run in progress
+        self.runStartTime = 0.0
+        self.words = messages.MessageContext()  # the run's temp files, named for people
         self.queries = {}
         self.methods = None
         self.models = []
         self.devices = []
         self.workerError = ""
         self.missing = []
-        self.lastProgress = None
         self._settingsBuiltFor = None
+        self._settingWidgets = {}
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -126,7 +129,7 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = MRISuperResLogic()
+        self.logic = self.logic or MRISuperResLogic()  # set before setup() to choose the worker (tests)
         self.timer = qt.QTimer()
         self.timer.setInterval(100)
         self.timer.connect("timeout()", self.onTimer)
@@ -147,11 +150,17 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         if self.run is not None:
-            self.run.cancel()
+            self.run.cancel("the module was closed")
         for worker in self.queries.values():
             worker.kill()
         self.timer.stop()
         self.removeObservers()
+
+    def onReload(self):
+        # Slicer reloads MRISuperRes.py only; without this, edits to the helper package would not be seen.
+        for name in [n for n in sys.modules if n == "MRISuperResModuleLib" or n.startswith("MRISuperResModuleLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self):
         self.initializeParameterNode()
@@ -163,6 +172,8 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
+        if self.run is not None:  # the run also watches its scene; stopping it here keeps the order obvious
+            self.run.cancel("the scene was closed")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -221,6 +232,8 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def panelState(self):
         p = self._parameterNode
+        if self.runProgress is not None:
+            self.runProgress.elapsedS = time.monotonic() - self.runStartTime
         return presenter.PanelState(
             inputVolume=_volumeInfo(p.inputVolume), outputVolumeId=p.outputVolume.GetID() if p.outputVolume else None,
             methods=self.methods, workerError=self.workerError, method=p.method,
@@ -230,7 +243,7 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             uncertaintyVolumeId=p.uncertaintyVolume.GetID() if p.wantUncertainty and p.uncertaintyVolume else None,
             wantResidual=p.wantResidual,
             residualVolumeId=p.residualVolume.GetID() if p.wantResidual and p.residualVolume else None,
-            missingDependencies=self.missing, running=self.run is not None, lastProgress=self.lastProgress)
+            missingDependencies=self.missing, running=self.run is not None, runProgress=self.runProgress)
 
     def refresh(self):
         if self._parameterNode is None:
@@ -258,51 +271,59 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.applyButton.text = view.applyText
         ui.applyButton.enabled = view.applyEnabled
         ui.applyButton.toolTip = view.applyToolTip
+        self.showProgress(view)
+
+    def showProgress(self, view):
+        ui = self.ui
         ui.progressBar.visible = view.progressVisible
-        ui.progressBar.value = view.progressValue
         if view.progressVisible:
+            ui.progressBar.maximum = 0 if view.progressBusy else 100  # 0: Qt's busy indicator
+            ui.progressBar.value = view.progressValue
             ui.statusLabel.text = view.progressText
 
     def buildSettings(self, specs):
+        """The settings form always shows the parameter node's values; rows are rebuilt only for new names."""
         key = (self._parameterNode.method, json.dumps([s.name for s in specs]))
         if key == self._settingsBuiltFor:
+            # Same rows: only the values may have changed (a loaded scene, the Python console, another method).
+            for spec in specs:
+                _showSettingValue(self._settingWidgets[spec.name], spec)
             return
         self._settingsBuiltFor = key
         form = self.ui.settingsFormLayout
         while form.rowCount():
             form.removeRow(0)  # deletes the row's label and widget
+        self._settingWidgets = {}
         for spec in specs:
-            form.addRow(spec.label + ":", self._settingWidget(spec))
+            self._settingWidgets[spec.name] = widget = self._settingWidget(spec)
+            form.addRow(spec.label + ":", widget)
         self.ui.settingsCollapsibleGroupBox.visible = bool(specs)
 
     def _settingWidget(self, spec):
         name = spec.name
         if spec.kind == "bool":
             w = qt.QCheckBox()
-            w.checked = bool(spec.value)
             w.connect("toggled(bool)", lambda v: self.onSettingChanged(name, bool(v)))
         elif spec.kind == "choice":
             w = qt.QComboBox()
             w.addItems(list(spec.choices))
-            w.currentText = str(spec.value)
             w.connect("currentTextChanged(QString)", lambda v: self.onSettingChanged(name, v))
         elif spec.kind == "int":
             w = qt.QSpinBox()
             w.setRange(int(spec.minimum) if spec.minimum is not None else -2**31 + 1,
                        int(spec.maximum) if spec.maximum is not None else 2**31 - 1)
-            w.value = int(spec.value)
             w.connect("valueChanged(int)", lambda v: self.onSettingChanged(name, int(v)))
         elif spec.kind == "float":
             w = ctk.ctkDoubleSpinBox()
             w.decimals = spec.decimals
             w.setRange(spec.minimum if spec.minimum is not None else -1e9,
                        spec.maximum if spec.maximum is not None else 1e9)
-            w.value = float(spec.value)
             w.connect("valueChanged(double)", lambda v: self.onSettingChanged(name, float(v)))
         else:
-            w = qt.QLineEdit(str(spec.value))
+            w = qt.QLineEdit()
             w.connect("textChanged(QString)", lambda v: self.onSettingChanged(name, v))
         w.toolTip = spec.toolTip
+        _showSettingValue(w, spec)
         return w
 
     # ---- worker listings (asynchronous, polled by the timer) ----
@@ -311,7 +332,7 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             self.missing = self.logic.missingDependencies()
         except MRISuperResError as exc:
-            self.workerError = str(exc)
+            self.workerError = messages.forPanel(exc)
             self.refresh()
             return
         for key, args in (("methods", ["methods", "--json"]), ("devices", ["devices", "--json"]),
@@ -328,14 +349,14 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 for _stream, line in worker.readLines():
                     self.log(line)
                 if worker.returncode != 0:
-                    slicer.util.errorDisplay("The model could not be imported; see the log.")
+                    slicer.util.errorDisplay("The model could not be imported; see the Log section.")
                 self.queries["models"] = self.logic.startWorker(["models", "list", "--json"])
                 continue
             try:
                 result = self.logic.parseQuery(worker, [key])
             except MRISuperResError as exc:
                 if key == "methods":
-                    self.workerError = "The worker could not list its methods: %s" % exc.problem
+                    self.workerError = "The worker could not list its methods: %s" % messages.forPanel(exc.problem)
                 self.log(str(exc))
                 continue
             if key == "methods":
@@ -347,6 +368,8 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refresh()
         if self.run is not None:
             self.run.poll()
+        if self.run is not None and self._parameterNode is not None:
+            self.showProgress(presenter.present(self.panelState()))  # the elapsed time moves every tick
         if not self.queries and self.run is None:
             self.timer.stop()
 
@@ -378,27 +401,31 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              uncertainty=(p.uncertaintyVolume or True) if p.wantUncertainty else None,
                              residual=(p.residualVolume or True) if p.wantResidual else None)
         self.ui.logTextEdit.clear()
-        self.lastProgress = None
+        method = presenter.methodByName(self.methods, p.method) or {}
+        self.runProgress = presenter.RunProgress(loadsPrior=bool(method.get("needsPrior")))
+        self.runStartTime = time.monotonic()
         try:
             self.run = self.logic.process(p.inputVolume, p.outputVolume, p.method, presenter.runSettings(state),
                                           blocking=False, progressCallback=self.onRunEvent, options=options)
         except MRISuperResError as exc:
-            slicer.util.errorDisplay(str(exc))
+            self.runProgress = None
+            slicer.util.errorDisplay(messages.errorText(exc), windowTitle="MRISuperRes")
             return
+        self.words = messages.contextForRun(self.run)
         self.timer.start()
         self.refresh()
 
     def installDependencies(self) -> bool:
         text = ("MRISuperRes runs in a separate Python process that needs: %s.\n"
-                "PyTorch comes from the PyTorch extension, the others from PyPI. Install them now?"
-                % ", ".join(self.missing))
+                "PyTorch comes from the PyTorch extension, the others from PyPI (Slicer's own numpy and SimpleITK, "
+                "and the installed PyTorch, are kept as they are). Install them now?" % ", ".join(self.missing))
         if not slicer.util.confirmOkCancelDisplay(text, "MRISuperRes dependencies"):
             return False
         try:
             with slicer.util.WaitCursor():
                 self.logic.installDependencies(self.log)
         except MRISuperResError as exc:
-            slicer.util.errorDisplay(str(exc))
+            slicer.util.errorDisplay(messages.errorText(exc), windowTitle="MRISuperRes")
             return False
         self.missing = []
         self.startListings()
@@ -406,22 +433,55 @@ class MRISuperResWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRunEvent(self, event):
         kind = event["event"]
-        if kind == "progress":
-            self.lastProgress = event
-        elif kind in ("warning", "error", "log"):
-            self.log(("%s: " % kind if kind != "log" else "") + str(event.get("message", "")))
+        message = messages.forPanel(event.get("message", ""), self.words)
+        progress = self.runProgress
+        if kind == "start" and progress is not None:
+            progress.started = event
+            self.log("Started %s on device %s." % (event.get("method", ""), event.get("device", "auto")))
+        elif kind == "progress" and progress is not None:
+            progress.progress = dict(event, message=message)
+        elif kind == "result" and progress is not None:
+            progress.resultReady = True
+        elif kind in ("warning", "error"):
+            self.log("%s: %s" % (kind, message))
+        elif kind == "log":
+            self.log(message)  # the worker's own output lines, with temp files and flags named as in the panel
         elif kind == "finished":
-            run, self.run = self.run, None
-            self.lastProgress = None
-            self.log(event["message"])
-            self.ui.statusLabel.text = event["message"]
-            if event["state"] == "succeeded" and run is not None and run.outputNode is not None:
-                self.ui.statusLabel.text = "%s Created %s." % (event["message"], run.outputNode.GetName())
-                slicer.util.setSliceViewerLayers(background=run.outputNode, fit=True)
-            elif event["state"] == "failed" and run is not None:
-                slicer.util.errorDisplay("Super-resolution failed: %s" % run.error.problem,
-                                         detailedText="\n".join(run.log))
+            self.onRunFinished(event)
+            return
+        if self._parameterNode is not None and progress is not None:
+            self.showProgress(presenter.present(self.panelState()))
+
+    def onRunFinished(self, event):
+        run, self.run = self.run, None
+        self.runProgress = None
+        text = messages.forPanel(event["message"], self.words)
+        self.log(text)
+        self.ui.statusLabel.text = text
+        if event["state"] == "succeeded" and run is not None and run.outputNode is not None:
+            self.ui.statusLabel.text = "%s Created %s." % (text, run.outputNode.GetName())
+            slicer.util.setSliceViewerLayers(background=run.outputNode, fit=True)
+        elif event["state"] == "failed" and run is not None:
+            slicer.util.errorDisplay("Super-resolution failed.\n\n" + messages.errorText(run.error, self.words),
+                                     windowTitle="MRISuperRes",
+                                     detailedText="\n".join(messages.forPanel(line, self.words) for line in run.log))
         self.refresh()
+
+
+def _showSettingValue(widget, spec):
+    """Put the parameter node's value into a setting widget without echoing it back as a change."""
+    wasBlocked = widget.blockSignals(True)
+    if spec.kind == "bool":
+        widget.checked = bool(spec.value)
+    elif spec.kind == "choice":
+        widget.currentText = str(spec.value)
+    elif spec.kind == "int":
+        widget.value = int(float(spec.value))
+    elif spec.kind == "float":
+        widget.value = float(spec.value)
+    elif widget.text != str(spec.value):  # rewriting the same text would move the cursor while typing
+        widget.text = str(spec.value)
+    widget.blockSignals(wasBlocked)
 
 
 class MRISuperResTest(ScriptedLoadableModuleTest):

@@ -1,30 +1,78 @@
-"""Python packages the worker needs, checked and installed from outside the worker.
+"""Python packages the worker needs: checked by version, installed without replacing Slicer's own.
 
-The check runs in a child process with `importlib.util.find_spec`, so neither this process nor the
-check imports torch. Installing is explicit (`MRISuperResLogic().installDependencies()`): the panel
-asks once, with consent, on the first Apply; scripts call it themselves.
-- torch comes from Slicer's PyTorch extension (it picks the CUDA/CPU build that fits the machine);
-- SimpleITK and numpy are Slicer's own and are never reinstalled;
-- the rest come from PyPI with pip.
+1. Ask the worker's Python which versions it has (`importlib.metadata` in a child process: neither
+   this process nor the check imports torch).
+2. numpy and SimpleITK ship with Slicer: never installed or replaced; too old or missing is an error.
+3. torch belongs to the PyTorch extension: installed only through `PyTorchUtils` with the library's
+   requirement (`TORCH_REQUIREMENT`), which picks the CUDA/CPU build that fits the machine.
+4. Everything else comes from PyPI with pip and a constraints file that pins the installed torch, numpy
+   and SimpleITK (`==version`), so pip picks a MONAI that fits the installed torch instead of replacing
+   torch. Where a pinned package has no version metadata, pip runs with `--no-deps` on the explicit list.
+5. Check the versions again: every requirement met, torch, numpy and SimpleITK unchanged.
+
+The pip runner is injectable (`install(..., pipRunner=...)`): tests record the commands it would run.
 """
 
 import json
+import os
+import re
+import shutil
 import subprocess
-from typing import Callable, List, Optional
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
-# module name -> pip requirement (None: must not be installed by us)
-MODULES = {
-    "torch": None,
-    "numpy": None,
-    "SimpleITK": None,
-    "scipy": "scipy",
-    "monai": "monai>=1.4",
-    "safetensors": "safetensors",
+# distribution -> (import name, minimum version). The minimums are the library's (pyproject.toml); a test
+# keeps the two in step.
+REQUIREMENTS: Dict[str, Tuple[str, str]] = {
+    "torch": ("torch", "2.1"),
+    "numpy": ("numpy", "1.22"),
+    "SimpleITK": ("SimpleITK", "2.2"),
+    "scipy": ("scipy", "1.8"),
+    "monai": ("monai", "1.4"),
+    "safetensors": ("safetensors", "0.4"),
 }
-NEVER_REINSTALL = ("SimpleITK", "numpy")
+TORCH = "torch"
+TORCH_REQUIREMENT = ">=" + REQUIREMENTS[TORCH][1]
+SLICER_OWNED = ("numpy", "SimpleITK")  # ship with Slicer
+PINNED = (TORCH,) + SLICER_OWNED  # never left for pip to choose
+UNKNOWN = ""  # importable, but without version metadata
 
-_CHECK = ("import importlib.util, json, sys; mods = json.loads(sys.argv[1]); "
-          "print(json.dumps([m for m in mods if importlib.util.find_spec(m) is None]))")
+_CHECK = """
+import importlib.metadata, importlib.util, json, sys
+out = {}
+for dist, module in json.loads(sys.argv[1]).items():
+    if importlib.util.find_spec(module) is None:
+        out[dist] = None
+        continue
+    try:
+        out[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        out[dist] = ""
+print(json.dumps(out))
+"""
+
+
+def _error(problem, fix=""):
+    from .runs import MRISuperResError
+
+    return MRISuperResError(problem, fix)
+
+
+def versionTuple(version: str) -> Tuple[int, ...]:
+    """The release numbers of a version string: '2.13.0+cpu' -> (2, 13, 0)."""
+    m = re.match(r"\d+(\.\d+)*", version or "")
+    return tuple(int(p) for p in m.group(0).split(".")) if m else ()
+
+
+def satisfied(version: Optional[str], minimum: str) -> bool:
+    if version is None:
+        return False
+    if version == UNKNOWN:
+        return True  # importable; nothing to compare (Slicer builds some packages without metadata)
+    have, need = versionTuple(version), versionTuple(minimum)
+    width = max(len(have), len(need))
+    return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
 
 
 def _python(commandBuilder):
@@ -35,72 +83,142 @@ def _python(commandBuilder):
     return argv[:1], env
 
 
-def missingModules(commandBuilder) -> List[str]:
+def installedVersions(commandBuilder) -> Dict[str, Optional[str]]:
+    """{distribution: version, "" when importable without metadata, None when missing} in the worker's Python."""
     python, env = _python(commandBuilder)
-    proc = subprocess.run(python + ["-c", _CHECK, json.dumps(list(MODULES))], capture_output=True, text=True,
-                          env=env, timeout=120)
+    modules = {dist: module for dist, (module, _minimum) in REQUIREMENTS.items()}
+    proc = subprocess.run(python + ["-c", _CHECK, json.dumps(modules)], capture_output=True, text=True, env=env,
+                          timeout=120)
     if proc.returncode != 0:
-        from .runs import MRISuperResError
-
-        raise MRISuperResError("Could not start the worker's Python (%s)." % " ".join(python),
-                               (proc.stderr.strip().splitlines() or [""])[-1])
+        raise _error("Could not start the worker's Python (%s)." % " ".join(python),
+                     (proc.stderr.strip().splitlines() or [""])[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def install(commandBuilder, logCallback: Optional[Callable[[str], None]] = None) -> List[str]:
-    from .runs import MRISuperResError
-
-    log = logCallback or (lambda line: None)
-    missing = missingModules(commandBuilder)
-    bad = [m for m in missing if m in NEVER_REINSTALL]
-    if bad:
-        raise MRISuperResError("The worker's Python lacks %s, which ships with Slicer." % ", ".join(bad),
-                               "Reinstall 3D Slicer; these are not installed from PyPI on purpose.")
-    installed = []
-    if "torch" in missing:
-        log("Installing PyTorch through the PyTorch extension...")
-        _installTorch()
-        installed.append("torch")
-    requirements = [MODULES[m] for m in missing if MODULES.get(m)]
-    if requirements:
-        log("Installing %s..." % ", ".join(requirements))
-        _pipInstall(commandBuilder, requirements, log)
-        installed += requirements
-    still = [m for m in missingModules(commandBuilder) if m in missing]
-    if still:
-        raise MRISuperResError("Still missing after installation: %s." % ", ".join(still),
-                               "See the log; install them by hand into Slicer's Python.")
-    return installed
+def unmet(versions: Dict[str, Optional[str]]) -> List[str]:
+    """What is missing or too old, for people: ['monai', 'torch 2.0.1 (needs 2.1 or newer)']."""
+    out = []
+    for dist, (_module, minimum) in REQUIREMENTS.items():
+        version = versions.get(dist)
+        if version is None:
+            out.append(dist)
+        elif not satisfied(version, minimum):
+            out.append("%s %s (needs %s or newer)" % (dist, version, minimum))
+    return out
 
 
-def _installTorch():
-    from .runs import MRISuperResError
+def missingModules(commandBuilder) -> List[str]:
+    return unmet(installedVersions(commandBuilder))
 
+
+@dataclass
+class InstallPlan:
+    torch: Optional[str] = None  # a requirement for PyTorchUtils, or None: torch is fine
+    requirements: List[str] = field(default_factory=list)  # for pip, e.g. "monai>=1.4"
+    errors: List[str] = field(default_factory=list)
+
+
+def planInstall(versions: Dict[str, Optional[str]]) -> InstallPlan:
+    plan = InstallPlan()
+    for dist, (_module, minimum) in REQUIREMENTS.items():
+        version = versions.get(dist)
+        if satisfied(version, minimum):
+            continue
+        if dist in SLICER_OWNED:
+            plan.errors.append("%s %s" % (dist, "is missing" if version is None else
+                                          "%s is older than %s" % (version, minimum)))
+        elif dist == TORCH:
+            plan.torch = TORCH_REQUIREMENT
+        else:
+            plan.requirements.append("%s>=%s" % (dist, minimum))
+    return plan
+
+
+def pipArguments(requirements: List[str], versions: Dict[str, Optional[str]], constraintsPath: str) -> List[str]:
+    """`pip` arguments that install `requirements` and may not touch torch, numpy or SimpleITK.
+
+    Writes the constraints file (`torch==2.13.0` ...). A pinned package without version metadata cannot be
+    pinned, so then no dependency is resolved at all (`--no-deps`): the explicit list is all that is installed.
+    """
+    pins = ["%s==%s" % (dist, versions[dist]) for dist in PINNED if versions.get(dist)]
+    with open(constraintsPath, "w") as f:
+        f.write("\n".join(pins) + "\n")
+    args = ["install", "--constraint", constraintsPath]
+    if len(pins) < len(PINNED):
+        args.append("--no-deps")
+    return args + list(requirements)
+
+
+def defaultPipRunner(commandBuilder):
+    """Runs `pip <args>` in the worker's Python: Slicer's own pip_install in the app, a child process otherwise."""
+
+    def run(args: List[str], log: Callable[[str], None]):
+        try:
+            import slicer
+
+            if getattr(slicer, "app", None) is not None and args[:1] == ["install"]:
+                slicer.util.pip_install(args[1:])
+                return
+        except ImportError:
+            pass
+        python, env = _python(commandBuilder)
+        proc = subprocess.run(python + ["-m", "pip"] + list(args), capture_output=True, text=True, env=env)
+        for line in (proc.stdout + proc.stderr).splitlines():
+            log(line)
+        if proc.returncode != 0:
+            raise _error("pip could not install the packages (exit code %d)." % proc.returncode, "See the log above.")
+
+    return run
+
+
+def installTorchWithExtension(requirement: str):
     try:
         import PyTorchUtils  # the PyTorch extension's module; present only in Slicer with the extension
     except ImportError:
-        raise MRISuperResError("PyTorch is not installed.", "Install the PyTorch extension from the Extensions "
-                               "Manager (Slicer), or `pip install torch` (plain Python).") from None
-    logic = PyTorchUtils.PyTorchUtilsLogic()
-    if not logic.installTorch(askConfirmation=False):
-        raise MRISuperResError("PyTorch installation did not finish.", "Open the PyTorch Utils module and install it there.")
+        raise _error("PyTorch %s is needed and not installed." % requirement,
+                     "Install the PyTorch extension from the Extensions Manager and restart Slicer "
+                     "(plain Python: pip install \"torch%s\")." % requirement) from None
+    # PyTorchUtils chooses the CUDA or CPU build for this machine; it imports torch in Slicer's process once.
+    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement) is None:
+        raise _error("PyTorch installation did not finish.", "Open the PyTorch Utils module and install it there.")
 
 
-def _pipInstall(commandBuilder, requirements, log):
-    try:
-        import slicer
-
-        if getattr(slicer, "app", None) is not None:
-            slicer.util.pip_install(requirements)
-            return
-    except ImportError:
-        pass
-    python, env = _python(commandBuilder)
-    proc = subprocess.run(python + ["-m", "pip", "install"] + list(requirements), capture_output=True, text=True,
-                          env=env)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        log(line)
-    if proc.returncode != 0:
-        from .runs import MRISuperResError
-
-        raise MRISuperResError("pip could not install %s." % ", ".join(requirements), "See the log above.")
+def install(commandBuilder, logCallback: Optional[Callable[[str], None]] = None,
+            pipRunner: Optional[Callable] = None, torchInstaller: Optional[Callable[[str], None]] = None) -> List[str]:
+    """Install what the worker lacks; returns the requirements installed. Raises MRISuperResError."""
+    log = logCallback or (lambda line: None)
+    pipRunner = pipRunner or defaultPipRunner(commandBuilder)
+    torchInstaller = torchInstaller or installTorchWithExtension
+    versions = installedVersions(commandBuilder)
+    plan = planInstall(versions)
+    if plan.errors:
+        raise _error("The worker's Python has unsuitable packages that ship with Slicer: %s." % "; ".join(plan.errors),
+                     "Install a current 3D Slicer; these packages are never installed from PyPI on purpose.")
+    installed = []
+    if plan.torch:
+        log("Installing PyTorch %s through the PyTorch extension..." % plan.torch)
+        torchInstaller(plan.torch)
+        installed.append("torch" + plan.torch)
+        versions = installedVersions(commandBuilder)
+        if not satisfied(versions.get(TORCH), REQUIREMENTS[TORCH][1]):
+            raise _error("PyTorch %s is still not installed (found %s)." % (plan.torch, versions.get(TORCH)),
+                         "Open the PyTorch Utils module and install a newer PyTorch there.")
+    if plan.requirements:
+        log("Installing %s (keeping torch %s, numpy %s, SimpleITK %s)..." % (
+            ", ".join(plan.requirements), versions.get("torch"), versions.get("numpy"), versions.get("SimpleITK")))
+        folder = tempfile.mkdtemp(prefix="MRISuperRes-pip-")
+        try:
+            pipRunner(pipArguments(plan.requirements, versions, os.path.join(folder, "constraints.txt")), log)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        installed += plan.requirements
+    after = installedVersions(commandBuilder)
+    changed = ["%s %s -> %s" % (d, versions.get(d), after.get(d)) for d in PINNED if after.get(d) != versions.get(d)]
+    if changed:
+        raise _error("Installing changed packages that Slicer or the PyTorch extension provide: %s." % ", ".join(changed),
+                     "Reinstall the PyTorch extension's torch in the PyTorch Utils module, and report this.")
+    still = unmet(after)
+    if still:
+        raise _error("Still missing after installation: %s." % ", ".join(still),
+                     "See the log; install them by hand into Slicer's Python.")
+    return installed

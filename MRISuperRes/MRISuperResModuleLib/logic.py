@@ -158,11 +158,13 @@ class MRISuperResLogic:
 
         return missingModules(self.commandBuilder)
 
-    def installDependencies(self, logCallback: Optional[Callable[[str], None]] = None) -> List[str]:
-        """Install what the worker lacks (torch via the PyTorch extension); returns what was installed."""
+    def installDependencies(self, logCallback: Optional[Callable[[str], None]] = None,
+                            pipRunner: Optional[Callable] = None) -> List[str]:
+        """Install what the worker lacks (torch via the PyTorch extension, the rest with pip, never replacing
+        torch, numpy or SimpleITK); returns what was installed. `pipRunner(args, log)` replaces pip (tests)."""
         from .dependencies import install
 
-        return install(self.commandBuilder, logCallback)
+        return install(self.commandBuilder, logCallback, pipRunner)
 
     # ---- temp folders ----
 
@@ -275,6 +277,10 @@ class MRISuperResLogic:
     def addResults(self, run: SuperResolutionRun, paths: Dict[str, str]) -> Dict[str, object]:
         """Read every result file into detached nodes, then (all read) put them in the scene."""
         loaded = {role: readVolumeFile(path) for role, path in paths.items()}
+        scene = run.scene  # the run's own scene, never whichever scene is current now
+        problem = run.sceneProblem()
+        if problem:
+            raise run._cancelled(problem)
         inputNode = run.inputNode
         baseName = "%s_SR-%s" % (inputNode.GetName(), run.request.method)
         targets = {"output": run.outputNode}
@@ -284,8 +290,8 @@ class MRISuperResLogic:
             target = targets.get(role)
             name = baseName if role == "output" else "%s_%s" % (baseName, role)
             if target in (None, True):
-                detached.SetName(self.scene.GenerateUniqueName(name))
-                node = self.scene.AddNode(detached)
+                detached.SetName(scene.GenerateUniqueName(name))
+                node = scene.AddNode(detached)
             else:
                 node = target
                 matrix = vtk.vtkMatrix4x4()
@@ -298,13 +304,14 @@ class MRISuperResLogic:
             node.SetAttribute("MRISuperRes.method", run.request.method)
             node.SetAttribute("MRISuperRes.role", role)
             node.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
-            self._placeInHierarchy(inputNode, node)
+            self._placeInHierarchy(scene, inputNode, node)
             self._setWindowLevel(node)
             nodes[role] = node
         return nodes
 
-    def _placeInHierarchy(self, inputNode, node):
-        sh = self.scene.GetSubjectHierarchyNode() if hasattr(self.scene, "GetSubjectHierarchyNode") else None
+    @staticmethod
+    def _placeInHierarchy(scene, inputNode, node):
+        sh = scene.GetSubjectHierarchyNode() if hasattr(scene, "GetSubjectHierarchyNode") else None
         if sh is None:
             return
         inputItem = sh.GetItemByDataNode(inputNode)
@@ -343,7 +350,7 @@ def writeVolumeFile(node, path: str, compress: bool = False):
                                "Check free disk space and that the folder is writable.")
 
 
-def readVolumeFile(path: str):
+def readVolumeFile(path: str, what: str = "the result"):
     """A new scalar volume node, not in any scene, holding the file's voxels and geometry."""
     node = slicer.vtkMRMLScalarVolumeNode()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -351,7 +358,10 @@ def readVolumeFile(path: str):
     # Keep the file's index axes as they are: axis k of the result is axis k of the input.
     storage.SetForceRightHandedIJKCoordinateSystem(False)
     if not os.path.isfile(path) or not storage.ReadData(node) or node.GetImageData() is None:
-        raise MRISuperResError("Could not read the result %s." % path, "Report this with the log.")
+        if what == "the result":
+            raise MRISuperResError("Could not read the result %s." % path, "Report this with the log.")
+        raise MRISuperResError("Could not read %s %s." % (what, path),
+                               "Check that it is a readable volume file (.nii.gz, .nii, .nrrd, .mha, .mhd).")
     return node
 
 

@@ -49,7 +49,18 @@ class PanelState:
     residualVolumeId: Optional[str] = None
     missingDependencies: List[str] = field(default_factory=list)  # modules the worker's Python lacks
     running: bool = False
-    lastProgress: Optional[dict] = None  # camelCase progress event
+    runProgress: Optional["RunProgress"] = None
+
+
+@dataclass
+class RunProgress:
+    """What the panel knows about the run in progress, from the worker's events (camelCase)."""
+
+    elapsedS: float = 0.0
+    loadsPrior: bool = False  # the worker loads the method's prior before its `start` event
+    started: Optional[dict] = None  # the `start` event
+    progress: Optional[dict] = None  # the last `progress` event, its message already in panel words
+    resultReady: bool = False  # the `result` event arrived: the panel is loading the volumes
 
 
 @dataclass
@@ -86,6 +97,7 @@ class PanelView:
     inputsEnabled: bool = True
     progressVisible: bool = False
     progressValue: int = 0
+    progressBusy: bool = False  # a phase of unknown length: the bar runs back and forth
     progressText: str = ""
 
 
@@ -112,6 +124,11 @@ def methodByName(methods: Optional[List[dict]], name: str) -> Optional[dict]:
     return None
 
 
+def settingLabel(name: str) -> str:
+    """The panel's label of a library setting name: num_samples -> Num samples."""
+    return LABELS.get(name, name.replace("_", " ").capitalize())
+
+
 def settingSpecs(method: Optional[dict], values: Dict[str, object]) -> List[SettingSpec]:
     specs = []
     for s in (method or {}).get("settings", []):
@@ -123,8 +140,7 @@ def settingSpecs(method: Optional[dict], values: Dict[str, object]) -> List[Sett
         if kind == "float":
             default = float(s.get("default") or 0.0)
             decimals = 4 if 0 < abs(default) < 0.01 else 3
-        label = LABELS.get(s["name"], s["name"].replace("_", " ").capitalize())
-        specs.append(SettingSpec(s["name"], label, kind, value, s.get("min"),
+        specs.append(SettingSpec(s["name"], settingLabel(s["name"]), kind, value, s.get("min"),
                                  s.get("max"), tuple(s.get("choices") or ()), s.get("help", ""), decimals))
     return specs
 
@@ -177,18 +193,31 @@ def formatDuration(seconds) -> str:
     return "%d:%02d:%02d" % (s // 3600, s % 3600 // 60, s % 60) if s >= 3600 else "%d:%02d" % (s // 60, s % 60)
 
 
-def progressText(event: Optional[dict]) -> Tuple[int, str]:
-    if not event:
-        return 0, "Starting the worker..."
-    value = int(round(100 * float(event.get("fraction") or 0)))
-    parts = []
-    if event.get("total"):
-        parts.append("Step %d/%d" % (int(event.get("step") or 0), int(event["total"])))
-    if event.get("message"):
-        parts.append(str(event["message"]))
-    if event.get("etaS") is not None:
-        parts.append("ETA %s" % formatDuration(event["etaS"]))
-    return value, " - ".join(parts)
+def progressText(run: Optional[RunProgress]) -> Tuple[int, bool, str]:
+    """(percent, busy, text) for every phase of a run, from its first second: the elapsed time always moves."""
+    run = run or RunProgress()
+    event = run.progress
+    value, busy = 0, True
+    if run.resultReady:
+        value, busy, text = 100, False, "Loading the result into the scene..."
+    elif event is not None and float(event.get("fraction") or 0) >= 1.0:
+        value, busy, text = 100, False, "Writing the result..."
+    elif event is not None:
+        value = int(round(100 * float(event.get("fraction") or 0)))
+        total = int(event.get("total") or 0)
+        busy = total <= 1  # a one-step phase (registering, interpolating) has no steps to count
+        message = str(event.get("message") or "Working")
+        parts = ["Step %d/%d" % (int(event.get("step") or 0), total)] if total > 1 else []
+        parts.append(message[:1].upper() + message[1:])
+        if event.get("etaS") is not None and not busy:
+            parts.append("ETA %s" % formatDuration(event["etaS"]))
+        text = " - ".join(parts)
+    elif run.started is not None:
+        device = run.started.get("device")
+        text = "Preparing%s..." % (" (device: %s)" % device if device and device != "auto" else "")
+    else:
+        text = "Starting the worker%s..." % (" and loading the prior" if run.loadsPrior else "")
+    return value, busy, "%s (%s elapsed)" % (text, formatDuration(run.elapsedS))
 
 
 def chosenDegradation(state: PanelState) -> Optional[Degradation]:
@@ -249,7 +278,7 @@ def present(state: PanelState) -> PanelView:
     if state.running:
         view.applyText, view.applyEnabled, view.applyToolTip = "Cancel", True, "Stop the run; nothing is added."
         view.progressVisible = True
-        view.progressValue, view.progressText = progressText(state.lastProgress)
+        view.progressValue, view.progressBusy, view.progressText = progressText(state.runProgress)
         return view
     if state.missingDependencies and state.inputVolume is not None:
         # The listings fail until the packages are there: Apply offers the installation (with consent).

@@ -1,6 +1,10 @@
 """One super-resolution run seen from the Slicer side: a worker process plus what its output told us.
 
 States: running -> succeeded | failed | cancelled. Only `succeeded` touches the scene.
+
+A run belongs to the scene it started in: closing that scene (File > Close Scene, `scene.Clear(0)`) or
+removing its input or a chosen output node cancels it at once, so one patient's result can never land in
+the next patient's scene.
 """
 
 import collections
@@ -13,6 +17,10 @@ from .worker import STDOUT
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 EXIT_CANCELLED = 130
+# Exit code -> what to do; the worker's message already names what was wrong (exit codes: the library's README).
+FIXES = {1: "This is a bug in MRISuperRes: please report it with the log.",
+         2: "Change the input or the setting named above, and run again.",
+         3: "Choose the CPU, a smaller model or fewer samples."}
 LOG_LINES = 2000
 
 
@@ -52,19 +60,64 @@ class SuperResolutionRun:
         self.log = collections.deque(maxlen=LOG_LINES)
         self._cancelRequested = False
         self.startTime = time.monotonic()
+        self.scene = logic.scene
+        self._observations = []
+        self._observeScene()
+
+    # ---- the scene the run belongs to ----
+
+    def _observeScene(self):
+        scene = self.scene
+        if scene is None or not hasattr(scene, "AddObserver"):
+            return
+        self._observations = [scene.AddObserver(scene.StartCloseEvent, self._onSceneClosing),
+                              scene.AddObserver(scene.NodeRemovedEvent, self._onNodeRemoved)]
+
+    def _forgetScene(self):
+        for tag in self._observations:
+            self.scene.RemoveObserver(tag)
+        self._observations = []
+
+    def _watchedNodes(self):
+        nodes = [("input volume", self.inputNode), ("output volume", self.outputNode)]
+        nodes += [("%s volume" % role, node) for role, node in self.extraTargets.items()]
+        return [(label, node) for label, node in nodes if node not in (None, True, False)]
+
+    def _onSceneClosing(self, caller=None, event=None):
+        self.cancel("the scene was closed")
+
+    def _onNodeRemoved(self, caller=None, event=None):
+        for label, node in self._watchedNodes():
+            if node.GetScene() is not self.scene:  # NodeRemovedEvent: the node has already left the scene
+                self.cancel("the %s %r was removed from the scene" % (label, node.GetName()))
+                return
+
+    def sceneProblem(self) -> Optional[str]:
+        """Why the results must not be added now (scene closing, a node gone), or None."""
+        if self.scene is not None and self.scene.IsClosing():
+            return "the scene was closed"
+        for label, node in self._watchedNodes():
+            if node.GetScene() is not self.scene:
+                return "the %s %r is no longer in the scene" % (label, node.GetName())
+        return None
 
     @property
     def done(self) -> bool:
         return self.state != RUNNING
 
-    def cancel(self):
-        """Kill the worker's process tree now; the scene stays as it was."""
+    def cancel(self, reason: str = ""):
+        """Kill the worker's process tree now; the scene stays as it was. `reason` completes "Cancelled: ..."."""
         if self.done:
             return
         self._cancelRequested = True
         self.worker.kill()
-        self._finish(CANCELLED, MRISuperResCancelled("Cancelled; nothing was added to the scene.", "",
-                                                     EXIT_CANCELLED, self.log))
+        self._finish(CANCELLED, self._cancelled(reason))
+
+    def _cancelled(self, reason: str = "") -> "MRISuperResCancelled":
+        if reason:
+            return MRISuperResCancelled("Cancelled: %s. Nothing was added to any scene." % reason, "",
+                                        EXIT_CANCELLED, self.log)
+        return MRISuperResCancelled("Cancelled; nothing was added to the scene.", "", EXIT_CANCELLED, self.log)
 
     def poll(self) -> bool:
         """Handle whatever the worker printed since the last call; True once the run is over."""
@@ -123,8 +176,11 @@ class SuperResolutionRun:
 
     def _complete(self, returncode):
         if self._cancelRequested or returncode == EXIT_CANCELLED:
-            self._finish(CANCELLED, MRISuperResCancelled("Cancelled; nothing was added to the scene.", "",
-                                                         EXIT_CANCELLED, self.log))
+            self._finish(CANCELLED, self._cancelled())
+            return
+        problem = self.sceneProblem()
+        if problem:  # an event was missed (or the scene was swapped): never add to the wrong scene
+            self._finish(CANCELLED, self._cancelled(problem))
             return
         if returncode != 0 or self.errorEvent is not None:
             self._finish(FAILED, self._failure(returncode))
@@ -144,7 +200,7 @@ class SuperResolutionRun:
             if not isinstance(exc, MRISuperResError):
                 exc = MRISuperResError("Could not load the result (%s: %s)." % (type(exc).__name__, exc),
                                        "Report this with the log.", returncode, self.log)
-            self._finish(FAILED, exc)
+            self._finish(CANCELLED if isinstance(exc, MRISuperResCancelled) else FAILED, exc)
             return
         self.outputNode = nodes["output"]
         self.extraNodes = {k: v for k, v in nodes.items() if k != "output"}
@@ -158,12 +214,13 @@ class SuperResolutionRun:
             tail = [line for line in self.log if line.strip()][-3:]
             message = "The worker failed (exit code %s)%s" % (returncode, (": " + " | ".join(tail)) if tail else ".")
             code = returncode
-        fix = {2: "", 3: "Choose the CPU, a smaller model or fewer samples."}.get(code, "See the log for details.")
+        fix = FIXES.get(code, "See the log for details.")
         return MRISuperResError(message, fix, code, self.log)
 
     def _finish(self, state, error):
         self.state = state
         self.error = error
+        self._forgetScene()
         self.logic.removeTempDir(self.tempDir)
         self.logic._forget(self)
         if error is not None:

@@ -7,7 +7,6 @@ misbehaves (junk output, crash, slow run to cancel), a small real Python script 
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -20,8 +19,12 @@ from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "MRISuperRes"))
 
-from MRISuperResModuleLib.logic import MRISuperResCancelled, MRISuperResError, MRISuperResLogic, RunOptions, defaultCommandBuilder  # noqa: E402
+from MRISuperResModuleLib.logic import MRISuperResCancelled, MRISuperResError, MRISuperResLogic, RunOptions  # noqa: E402
 from MRISuperResModuleLib.protocol import Degradation  # noqa: E402
+from slicer_test_support import addVolume as _addVolume  # noqa: E402
+from slicer_test_support import alive as _alive  # noqa: E402
+from slicer_test_support import sceneIds as _sceneIds  # noqa: E402
+from slicer_test_support import scriptWorker as _scriptWorker  # noqa: E402
 
 
 @pytest.fixture
@@ -43,55 +46,6 @@ def _voxels(node) -> np.ndarray:
     image = node.GetImageData()
     dims = image.GetDimensions()
     return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).transpose(2, 1, 0).copy()
-
-
-def _addVolume(scene, array_ijk, spacing=(1.0, 1.2, 4.0), origin=(10.0, -20.0, 30.0), angle=0.3, name="lr"):
-    """A scalar volume with an oblique IJK-to-RAS (rotation about the RAS z axis)."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    image = vtk.vtkImageData()
-    image.SetDimensions(*array_ijk.shape)
-    image.AllocateScalars(vtk.VTK_FLOAT, 1)
-    flat = vtk_to_numpy(image.GetPointData().GetScalars())
-    flat[:] = np.asarray(array_ijk, dtype=np.float32).transpose(2, 1, 0).ravel()
-    node.SetAndObserveImageData(image)
-    c, s = np.cos(angle), np.sin(angle)
-    m = vtk.vtkMatrix4x4()
-    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag(spacing)
-    for r in range(3):
-        for k in range(3):
-            m.SetElement(r, k, rot[r, k])
-        m.SetElement(r, 3, origin[r])
-    node.SetIJKToRASMatrix(m)
-    return node
-
-
-def _sceneIds(scene):
-    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _scriptWorker(tmp_path, body):
-    """A command builder that runs `body` (a real Python script) with the CLI arguments."""
-    script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(body))
-
-    def build(cliArgs):
-        argv, env = defaultCommandBuilder(cliArgs)
-        return [sys.executable, str(script)] + list(cliArgs), env
-
-    return build
 
 
 def _blankTempRoot(tmp_path):
@@ -349,24 +303,13 @@ def test_default_prior_method_round_trip(scene, tmp_path, methods):
     assert out.GetAttribute("MRISuperRes.method") == method["name"]
 
 
-def test_dependencies_are_checked_without_importing_and_slicer_packages_never_reinstalled(tmp_path):
-    def bareBuilder(cliArgs):  # -S: a Python without site-packages, so nothing but the standard library
-        argv, env = defaultCommandBuilder(cliArgs)
-        return [sys.executable, "-S", "-m", "MRISuperResLib"] + list(cliArgs), env
-
-    logic = MRISuperResLogic(bareBuilder, tempRoot=_blankTempRoot(tmp_path))
-    missing = logic.missingDependencies()
-    assert {"torch", "monai", "SimpleITK", "numpy"} <= set(missing)
-    logs = []
-    with pytest.raises(MRISuperResError, match="ships with Slicer") as info:
-        logic.installDependencies(logs.append)
-    assert "numpy" in info.value.problem and "SimpleITK" in info.value.problem and logs == []  # refused before pip
-
-
 def test_logic_import_does_not_import_torch_or_qt():
-    code = ("import sys; sys.path.insert(0, %r); import MRISuperResModuleLib.logic, MRISuperResModuleLib.presenter; "
+    folder = os.path.join(REPO, "MRISuperRes", "MRISuperResModuleLib")
+    names = sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and n != "__init__.py")
+    assert {"logic", "presenter", "messages", "dependencies", "runs"} <= set(names)
+    code = ("import sys; sys.path.insert(0, %r); import %s; "
             "bad = [m for m in ('torch', 'qt', 'ctk', 'MRISuperResLib') if m in sys.modules]; print(bad)"
-            % os.path.join(REPO, "MRISuperRes"))
+            % (os.path.join(REPO, "MRISuperRes"), ", ".join("MRISuperResModuleLib." + n for n in names)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

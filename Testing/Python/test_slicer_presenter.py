@@ -116,12 +116,32 @@ def test_setting_values_are_validated_and_typed():
 
 def test_running_turns_apply_into_cancel_with_progress():
     event = {"event": "progress", "fraction": 0.25, "step": 5, "total": 20, "message": "DDIM", "etaS": 75.4}
-    view = P.present(_state(running=True, lastProgress=event))
+    view = P.present(_state(running=True, runProgress=P.RunProgress(elapsedS=30, progress=event)))
     assert view.applyText == "Cancel" and view.applyEnabled and not view.inputsEnabled
-    assert view.progressVisible and view.progressValue == 25
-    assert view.progressText == "Step 5/20 - DDIM - ETA 1:15"
+    assert view.progressVisible and view.progressValue == 25 and not view.progressBusy
+    assert view.progressText == "Step 5/20 - DDIM - ETA 1:15 (0:30 elapsed)"
     assert P.formatDuration(3725) == "1:02:05"
-    assert P.present(_state(running=True)).progressText == "Starting the worker..."
+
+
+def test_every_phase_shows_from_the_first_second():
+    """Start-up and prior loading are silent in the worker: the panel still names the phase and counts time."""
+    phases = [
+        (P.RunProgress(elapsedS=1), (0, True, "Starting the worker... (0:01 elapsed)")),
+        (P.RunProgress(elapsedS=40, loadsPrior=True), (0, True, "Starting the worker and loading the prior... (0:40 elapsed)")),
+        (P.RunProgress(elapsedS=41, loadsPrior=True, started={"device": "cuda"}),
+         (0, True, "Preparing (device: cuda)... (0:41 elapsed)")),
+        (P.RunProgress(elapsedS=42, progress={"fraction": 0.0, "step": 0, "total": 1,
+                                              "message": "registering the input to the prior's reference (rigid)"}),
+         (0, True, "Registering the input to the prior's reference (rigid) (0:42 elapsed)")),
+        (P.RunProgress(elapsedS=50, progress={"fraction": 0.5, "step": 10, "total": 20, "message": "sampling",
+                                              "etaS": 8}),
+         (50, False, "Step 10/20 - Sampling - ETA 0:08 (0:50 elapsed)")),
+        (P.RunProgress(elapsedS=59, progress={"fraction": 1.0, "step": 20, "total": 20, "message": "sampling"}),
+         (100, False, "Writing the result... (0:59 elapsed)")),
+        (P.RunProgress(elapsedS=61, resultReady=True), (100, False, "Loading the result into the scene... (1:01 elapsed)")),
+    ]
+    for run, expected in phases:
+        assert P.progressText(run) == expected
 
 
 def test_methods_still_loading_or_failed():

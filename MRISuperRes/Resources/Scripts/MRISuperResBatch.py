@@ -11,7 +11,14 @@ In plain Python with the slicer-core wheel and MRISuperResLib importable, the sa
     python MRISuperResBatch.py --input-folder ... --output-folder ...
 
 Each input INPUT.ext becomes OUTPUT_FOLDER/INPUT_SR-METHOD.ext (same format). Inputs are never modified;
-a file that fails is reported and the others still run. Exit code: 0 all done, 1 some failed, 2 bad arguments.
+a file that fails is reported and the others still run.
+
+Exit codes (EXIT_CODES below; the module's README lists them too):
+    0  every volume was super-resolved
+    1  some or all volumes failed (each failure is reported on stderr; the others were written)
+    2  bad arguments: unknown option, missing or unusable folder, malformed --set, no volume matches
+    3  the worker's Python lacks packages (run again with --install-dependencies), or installing them failed
+  130  interrupted (Ctrl+C); the running volume's worker is stopped and nothing more is written
 
 `--engine dask [--scheduler ADDRESS] [--workers N]` hands the whole folder to the library's cohort engine
 (`python -m MRISuperResLib run --engine dask`, needs `pip install MRISuperResLib[cluster]` in the worker's
@@ -29,6 +36,9 @@ if MODULE_DIR not in sys.path:
     sys.path.insert(0, MODULE_DIR)
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
+EXIT_OK, EXIT_FAILED, EXIT_ARGUMENTS, EXIT_DEPENDENCIES, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = {EXIT_OK: "all volumes done", EXIT_FAILED: "some volumes failed", EXIT_ARGUMENTS: "bad arguments",
+              EXIT_DEPENDENCIES: "worker packages missing", EXIT_INTERRUPTED: "interrupted"}
 
 
 def parseArgs(argv):
@@ -86,32 +96,65 @@ def splitName(filename):
     return None, None
 
 
-def main(argv=None) -> int:
-    import slicer
-    from MRISuperResModuleLib.logic import MRISuperResError, MRISuperResLogic, RunOptions, readVolumeFile, writeVolumeFile
+def _fail(message, code):
+    print("error: %s" % message, file=sys.stderr, flush=True)
+    return code
 
-    args = parseArgs(argv)
+
+def main(argv=None) -> int:
+    try:
+        args = parseArgs(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a bad option (2); Slicer must get the code, not an exception
+        return exc.code if isinstance(exc.code, int) else EXIT_ARGUMENTS
     if not os.path.isdir(args.input_folder):
-        print("error: input folder %s does not exist." % args.input_folder, file=sys.stderr)
-        return 2
+        return _fail("input folder %s does not exist." % args.input_folder, EXIT_ARGUMENTS)
+    bad = [item for item in args.set if "=" not in item]
+    if bad:
+        return _fail("--set %s is not KEY=VALUE." % bad[0], EXIT_ARGUMENTS)
     if args.engine == "dask":
         return runCohort(args)
     if args.scheduler or args.workers:
-        print("error: --scheduler and --workers apply to --engine dask.", file=sys.stderr)
-        return 2
-    os.makedirs(args.output_folder, exist_ok=True)
-    if os.path.samefile(args.input_folder, args.output_folder):
-        print("error: the output folder must differ from the input folder.", file=sys.stderr)
-        return 2
-    settings = dict(item.split("=", 1) for item in args.set if "=" in item)
-    if getattr(slicer, "mrmlScene", None) is None:
-        slicer.mrmlScene = slicer.vtkMRMLScene()  # plain Python: a bare scene
-    scene = slicer.mrmlScene
-    logic = MRISuperResLogic()
-    if args.install_dependencies:
-        logic.installDependencies(print)
+        return _fail("--scheduler and --workers apply to --engine dask.", EXIT_ARGUMENTS)
     names = sorted(n for n in os.listdir(args.input_folder)
                    if splitName(n)[0] and fnmatch.fnmatch(n, args.pattern))
+    if not names:
+        return _fail("no volume (%s) in %s matches %r." % (", ".join(SUFFIXES), args.input_folder, args.pattern),
+                     EXIT_ARGUMENTS)
+    try:
+        os.makedirs(args.output_folder, exist_ok=True)
+    except OSError as exc:
+        return _fail("cannot create the output folder %s (%s)." % (args.output_folder, exc), EXIT_ARGUMENTS)
+    if os.path.samefile(args.input_folder, args.output_folder):
+        return _fail("the output folder must differ from the input folder.", EXIT_ARGUMENTS)
+
+    import slicer
+    from MRISuperResModuleLib.logic import MRISuperResError, MRISuperResLogic
+
+    if getattr(slicer, "mrmlScene", None) is None:
+        slicer.mrmlScene = slicer.vtkMRMLScene()  # plain Python: a bare scene
+    logic = MRISuperResLogic()
+    try:
+        missing = logic.missingDependencies()
+        if missing and not args.install_dependencies:
+            return _fail("the worker's Python lacks %s; run again with --install-dependencies." % ", ".join(missing),
+                         EXIT_DEPENDENCIES)
+        if missing:
+            logic.installDependencies(print)
+    except MRISuperResError as exc:
+        return _fail(str(exc), EXIT_DEPENDENCIES)
+    try:
+        failed = _runAll(args, names, logic, slicer.mrmlScene)
+    except KeyboardInterrupt:
+        logic.cancel()
+        return _fail("interrupted.", EXIT_INTERRUPTED)
+    print("done: %d of %d volumes, %d failed." % (len(names) - failed, len(names), failed), flush=True)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _runAll(args, names, logic, scene) -> int:
+    from MRISuperResModuleLib.logic import MRISuperResError, RunOptions, readVolumeFile, writeVolumeFile
+
+    settings = dict(item.split("=", 1) for item in args.set)
     failed = 0
     for i, name in enumerate(names):
         stem, suffix = splitName(name)
@@ -119,7 +162,7 @@ def main(argv=None) -> int:
         print("[%d/%d] %s -> %s" % (i + 1, len(names), name, target), flush=True)
         inputNode = outputNode = None
         try:
-            inputNode = scene.AddNode(readVolumeFile(os.path.join(args.input_folder, name)))
+            inputNode = scene.AddNode(readVolumeFile(os.path.join(args.input_folder, name), "the input"))
             outputNode = logic.process(inputNode, method=args.method, settings=settings,
                                        options=RunOptions(device=args.device, model=args.model, seed=args.seed))
             writeVolumeFile(outputNode, target, compress=True)
@@ -130,8 +173,7 @@ def main(argv=None) -> int:
             for node in (outputNode, inputNode):
                 if node is not None and node.GetScene() is not None:
                     scene.RemoveNode(node)
-    print("done: %d of %d volumes, %d failed." % (len(names) - failed, len(names), failed), flush=True)
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
