@@ -78,7 +78,7 @@ def test_learning_from_the_scan_beats_the_prior_as_it_came():
     common = {"steps": 1, "samples": 1, "mean_start": True, "patch": 16}
     events = []
     plain = super_resolve(lr, "paired-ddpm", spec, common, prior, device="cpu")
-    tuned = super_resolve(lr, "paired-ddpm", spec, dict(common, adapt=True, adapt_steps=60, adapt_seconds=0,
+    tuned = super_resolve(lr, "paired-ddpm", spec, dict(common, adapt="auto", adapt_steps=60, adapt_seconds=0,
                                                         adapt_lr=1e-3), prior, device="cpu",
                           progress=Progress(events.append))
     mask = truth > 0
@@ -93,6 +93,12 @@ def test_learning_from_the_scan_beats_the_prior_as_it_came():
     rest = [e for e in events if e["event"] == "progress" and e not in learn]
     assert rest and rest[-1]["fraction"] == pytest.approx(1.0) and min(e["fraction"] for e in rest) >= 0.5
     assert plain.info["adapted"] is None
+    # auto adapts thick slices (above) but not slice removal, where the prior alone measured better
+    spec_sr = OperatorSpec.make("slice-removal", axis=2, factor=2)
+    op_sr = spec_sr.bind_hr(truth.shape)
+    lr_sr = Volume(op_sr.forward(torch.as_tensor(truth, dtype=torch.float64)).float().numpy(), lr_grid(hr_grid, op_sr))
+    auto = super_resolve(lr_sr, "paired-ddpm", spec_sr, dict(common, adapt="auto"), prior, device="cpu")
+    assert auto.info["adapted"] is None
 
 
 def test_an_isotropic_input_runs_without_adaptation_and_says_so():
@@ -100,7 +106,7 @@ def test_an_isotropic_input_runs_without_adaptation_and_says_so():
     lr = Volume.from_array(smooth_volume((16, 16, 16), seed=3))  # 1 mm everywhere: no axis is sharper
     spec = OperatorSpec.make("slice-removal", axis=2, factor=2)
     events = []
-    out = super_resolve(lr, "paired-ddpm", spec, {"steps": 1, "adapt": True, "adapt_steps": 2}, prior, device="cpu",
+    out = super_resolve(lr, "paired-ddpm", spec, {"steps": 1, "adapt": "on", "adapt_steps": 2}, prior, device="cpu",
                         progress=Progress(events.append))
     warn = [e["message"] for e in events if e["event"] == "warning"]
     assert any("Not learning from this scan" in w and "in-plane spacing" in w for w in warn), warn
@@ -123,7 +129,7 @@ def test_the_shipped_weights_are_byte_identical_after_an_adapted_run():
     op = spec.bind_hr(truth.shape)
     lr = Volume(op.forward(torch.as_tensor(truth, dtype=torch.float64)).float().numpy(),
                 lr_grid(Grid(truth.shape, (1.0, 1.0, 1.0)), op))
-    out = super_resolve(lr, "paired-ddpm", spec, {"steps": 1, "samples": 1, "adapt": True, "adapt_steps": 2,
+    out = super_resolve(lr, "paired-ddpm", spec, {"steps": 1, "samples": 1, "adapt": "on", "adapt_steps": 2,
                                                   "adapt_batch": 1, "adapt_seconds": 0, "patch": 32}, prior, device="cpu")
     assert out.info["adapted"]["steps"] == 2
     assert all(torch.equal(v, weights[k]) for k, v in prior.networks["unet"].state_dict().items())
