@@ -38,9 +38,10 @@ MAX_SPACING_RATIO = 1.5
 
 def why_not_adaptable(physics) -> Optional[str]:
     """None when the scan holds in-plane detail finer than its thick axis at the run's factor, else the reason."""
-    if physics.spec.kind not in SELF_PAIR_KINDS or len(physics.axes) != 1:
-        return ("%s degrades %s, so no axis of the input is sharper than the others"
-                % (physics.spec.kind, "several axes" if len(physics.axes) > 1 else "its axis"))
+    if len(physics.axes) != 1:
+        return "%s degrades several axes, so no axis of the input is sharper than the others" % physics.spec.kind
+    if physics.spec.kind not in SELF_PAIR_KINDS:
+        return "pairs are made for thick slices and slice removal, not %s" % physics.spec.kind
     a = physics.axes[0]
     spacing = getattr(physics, "hr_spacing", None)
     if spacing is not None:
