@@ -108,7 +108,10 @@ def test_exit_130_when_interrupted(tmp_path):
     temp.mkdir()
     env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(temp))  # the Logic's temp folders go there
     proc = subprocess.Popen([sys.executable, SCRIPT, "--input-folder", str(inputs), "--output-folder", str(out),
-                             "--method", "trilinear", "--pattern", "a*"], stdout=subprocess.PIPE,
+                             # a run of a minute or more (64 samples, each a network call), so the Ctrl+C below
+                             # lands while it runs; trilinear could finish first on an idle machine
+                             "--method", "paired-ddpm", "--set", "samples=64", "--pattern", "a*"],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     first = proc.stdout.readline()  # "[1/1] a.nii.gz -> ...": the run is being set up
     assert first.startswith("[1/1] a.nii.gz"), first + proc.stderr.read()
