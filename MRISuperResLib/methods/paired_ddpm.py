@@ -124,6 +124,35 @@ def _window_fitting_memory(eps_fn, x, patch, overlap, batch, progress):
             progress.warning("The GPU ran out of memory; retrying with %d patches per network call." % batch)
 
 
+def _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress, generator):
+    """(model, record, progress): the model fine-tuned on the scan's own pairs when `adapt` asks for it, with the
+    progress left for sampling; or the model as it came, None and the same progress."""
+    mode = settings.get("adapt") or "off"
+    if not (mode == "on" or (mode == "auto" and physics.spec.kind in ADAPT_AUTO_KINDS)):
+        return model, None, progress
+    reason = why_not_adaptable(physics)
+    if reason:
+        progress.warning("Not learning from this scan: %s. Sampling with the prior as shipped." % reason)
+        return model, None, progress
+    dtype = torch.float32
+    phase = progress.sub(0.0, ADAPT_SHARE)
+    if settings.get("adapt_from") == "estimate":
+        # Why: pairs cut from the B-spline volume are smooth along the thick axis, unlike anything sampling
+        # sees; the model's own one-pass estimate is sharp along every axis, so its pairs look like the input
+        first = solve(y, physics, prior, dict(settings, adapt="off", samples=1, mean_start=True, steps=1,
+                                              project=False), progress.sub(0.0, 0.1 * ADAPT_SHARE), generator)
+        volume = scale.to_unit(first.x.to(dtype))
+        phase = progress.sub(0.1 * ADAPT_SHARE, ADAPT_SHARE)
+    else:
+        with torch.no_grad():
+            volume = physics.upsample(scale.to_unit(y.to(dtype)), "cubic")
+    source = ScanPairs(volume, physics, model.patch, floor=AIR_LEVEL)
+    model, record = adapt(model, source, [t for t, _, _ in pairs], generator, int(settings["adapt_steps"]),
+                          float(settings["adapt_seconds"]), float(settings["adapt_lr"]), int(settings["adapt_batch"]),
+                          phase)
+    return model, record, progress.sub(ADAPT_SHARE, 1.0)  # made now, so the sampling ETA starts with sampling
+
+
 @register("paired-ddpm", "Paired conditional DDPM",
           "Conditional diffusion model trained on LR/HR pairs of the run's degradation, sampled with DDIM over "
           "overlapping 3D patches.", settings=SETTINGS, generative=True, needs_prior="paired")
@@ -143,29 +172,7 @@ def solve(y, physics, prior, settings, progress, generator):
     dev, dtype = y.device, torch.float32
     net_dev = next(model.unet.parameters()).device
     pairs = sampling_pairs(steps, model.alpha_bar)
-    adapted = None
-    mode = settings.get("adapt") or "off"
-    if mode == "on" or (mode == "auto" and physics.spec.kind in ADAPT_AUTO_KINDS):
-        reason = why_not_adaptable(physics)
-        if reason:
-            progress.warning("Not learning from this scan: %s. Sampling with the prior as shipped." % reason)
-        else:
-            phase = progress.sub(0.0, ADAPT_SHARE)
-            if settings.get("adapt_from") == "estimate":
-                # Why: pairs cut from the B-spline volume are smooth along the thick axis, unlike anything sampling
-                # sees; the model's own one-pass estimate is sharp along every axis, so its pairs look like the input
-                first = solve(y, physics, prior, dict(settings, adapt="off", samples=1, mean_start=True, steps=1,
-                                                      project=False), progress.sub(0.0, 0.1 * ADAPT_SHARE), generator)
-                volume = scale.to_unit(first.x.to(dtype))
-                phase = progress.sub(0.1 * ADAPT_SHARE, ADAPT_SHARE)
-            else:
-                with torch.no_grad():
-                    volume = physics.upsample(scale.to_unit(y.to(dtype)), "cubic")
-            source = ScanPairs(volume, physics, model.patch, floor=AIR_LEVEL)
-            model, adapted = adapt(model, source, [t for t, _, _ in pairs], generator, int(settings["adapt_steps"]),
-                                   float(settings["adapt_seconds"]), float(settings["adapt_lr"]),
-                                   int(settings["adapt_batch"]), phase)
-            progress = progress.sub(ADAPT_SHARE, 1.0)  # made now, so the sampling ETA starts with sampling
+    model, adapted, progress = _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress, generator)
     turn = _turn_to_trained_axis(prior, physics)
     cond = condition_of(physics)
     if turn is not None:
