@@ -111,8 +111,10 @@ def test_exit_130_when_interrupted(tmp_path):
                              # a run of a minute or more (64 samples, each a network call), so the Ctrl+C below
                              # lands while it runs; trilinear could finish first on an idle machine
                              "--method", "paired-ddpm", "--set", "samples=64", "--pattern", "a*"],
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # as from a terminal: a shell's background job (CI, nohup ... &) ignores SIGINT, and a
+                            # child would inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.readline()  # "[1/1] a.nii.gz -> ...": the run is being set up
     assert first.startswith("[1/1] a.nii.gz"), first + proc.stderr.read()
     runs = temp / "MRISuperRes"
