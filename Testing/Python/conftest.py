@@ -68,3 +68,13 @@ def assert_same_to_float32_rounding(a, b):
     scale = max(float(b.abs().max()), 1.0)
     diff = float((a - b).abs().max())
     assert diff <= FLOAT32_PATH_TOLERANCE * scale, "max |a - b| = %.3g > %.3g" % (diff, FLOAT32_PATH_TOLERANCE * scale)
+
+
+@pytest.fixture
+def scene():
+    """A fresh slicer-core scene as slicer.mrmlScene, cleared afterwards (the Slicer-side tests)."""
+    slicer = pytest.importorskip("slicer")
+    s = slicer.vtkMRMLScene()
+    slicer.mrmlScene = s
+    yield s
+    s.Clear(1)

@@ -89,3 +89,4 @@ SLOW_THEN_REAL = """
     from MRISuperResLib.cli import main
     sys.exit(main(sys.argv[1:]))
 """
+

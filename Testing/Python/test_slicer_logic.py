@@ -27,14 +27,6 @@ from slicer_test_support import sceneIds as _sceneIds  # noqa: E402
 from slicer_test_support import scriptWorker as _scriptWorker  # noqa: E402
 
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    yield s
-    s.Clear(1)
-
-
 def _matrix(node) -> np.ndarray:
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)

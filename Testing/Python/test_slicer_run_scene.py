@@ -20,14 +20,6 @@ from MRISuperResModuleLib.logic import MRISuperResCancelled, MRISuperResLogic  #
 from slicer_test_support import SLOW_THEN_REAL, addVolume, alive, scriptWorker, volumeNames  # noqa: E402
 
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    yield s
-    s.Clear(1)
-
-
 def _logic(tmp_path, steps=40):
     build = scriptWorker(tmp_path, SLOW_THEN_REAL, {"PIDFILE": str(tmp_path / "pid"), "STEPS": str(steps)})
     return MRISuperResLogic(build, tempRoot=str(tmp_path / "temp"))
