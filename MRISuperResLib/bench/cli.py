@@ -22,6 +22,11 @@ def add_parser(sub):
     p.add_argument("--profile", action="store_true",
                    help="Instead: seconds/iteration and peak memory of the InverseSR methods at the published "
                         "prior's full size, random weights.")
+    p.add_argument("--accelerate", nargs="+", default=None, metavar="MODE",
+                   help="With --profile: one inversesr-ldm row per mode (off, cuda-graphs, compile, auto), measured "
+                        "in the same run; default: the method's default.")
+    p.add_argument("--profile-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="With --profile: method settings for every row, e.g. nested_checkpointing=true.")
     p.add_argument("--speedups", action="store_true",
                    help="Instead: paired-ddpm on an MNI152 crop with each speed-up (fused attention, kept heap) "
                         "off and on, each in its own process: seconds, ratio to all off, peak memory, and that "
@@ -116,21 +121,51 @@ def _profile(args, dev):
 
     from ..priors import profile
 
+    common = {}
+    for item in args.profile_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError("--profile-set takes KEY=VALUE, got %r." % item, "Example: --profile-set channels_last=true")
+        common[key.strip()] = value.strip()
     rows = []
     for method in (args.methods or ["inversesr-decoder", "inversesr-ldm"]):
-        sys.stderr.write("profile: %s on %s\n" % (method, dev))
-        try:
-            rows.append(profile.profile(method, dev))
-        except UserError as exc:  # e.g. refused by the memory estimate: report it, it is the finding
-            rows.append({"method": method, "device": dev, "error": str(exc)})
+        for mode in (args.accelerate or [None]) if method == "inversesr-ldm" else [None]:
+            settings = dict(common, **({"accelerate": mode} if mode else {}))
+            sys.stderr.write("profile: %s on %s %s\n" % (method, dev, settings or ""))
+            try:
+                rows.append(profile.profile(method, dev, settings=settings))
+            except UserError as exc:  # e.g. refused by the memory estimate: report it, it is the finding
+                rows.append({"method": method, "device": dev, "settings": settings, "error": str(exc)})
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "profile.json"), "w") as fh:
         json.dump(rows, fh, indent=1, default=str)
-    print("| method | device | s/iteration | peak GB | model TFLOP/s | note |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print("| %s | %s | %s | %s | %s | %s |" % (r["method"], r["device"],
-                                                 "%.2f" % r["seconds_per_iteration"] if "error" not in r else "-",
-                                                 "%.2f" % r["peak_memory_gb"] if "error" not in r else "-",
-                                                 "%.1f" % r["achieved_tflops"] if "error" not in r else "-",
-                                            r.get("error", r.get("peak_memory_kind", "")).split(". ")[0]))
+    print(profile_table(rows))
     return 0
+
+
+# issue 25's targets at the published size on one GPU: (seconds per iteration, peak GB)
+PROFILE_TARGETS = {"inversesr-ldm": (1.5, 16.0), "inversesr-decoder": (0.2, 12.0)}
+
+
+def profile_table(rows) -> str:
+    """Markdown table of `bench --profile` rows: measured, estimated, against the targets (CUDA rows)."""
+    out = ["| method | settings | device | s/iteration | first iteration s | peak GB | model TFLOP/s | estimate "
+           "(s/it, GB) | target (s/it, GB) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        settings = ", ".join("%s=%s" % kv for kv in sorted((r.get("settings") or {}).items())) or "defaults"
+        if "error" in r:
+            out.append("| %s | %s | %s | - | - | - | - | - | - | %s |" % (r["method"], settings, r["device"],
+                                                                       r["error"].split(". ")[0]))
+            continue
+        est = r.get("estimate") or {}
+        target = PROFILE_TARGETS.get(r["method"])
+        verdict = "-"
+        if target and r["device"].startswith("cuda"):
+            met = r["seconds_per_iteration"] <= target[0] and r["peak_memory_gb"] <= target[1]
+            verdict = "<= %g, <= %g: %s" % (target[0], target[1], "met" if met else "**not met**")
+        note = "; ".join([r.get("peak_memory_kind", "")] + [w.split(";")[0] for w in r.get("warnings", [])])
+        out.append("| %s | %s | %s | %.2f | %.1f | %.2f | %.1f | %s, %s | %s | %s |" % (
+            r["method"], settings, r["device"], r["seconds_per_iteration"], r.get("first_iteration_seconds", 0.0),
+            r["peak_memory_gb"], r["achieved_tflops"], est.get("seconds_per_iteration", "-"),
+            est.get("memory_gb", "-"), verdict, note))
+    return "\n".join(out)

@@ -14,6 +14,7 @@ The pipeline hands it the operator in the prior's space (native.py): registered 
 """
 
 from ..priors import inversion
+from ..priors.acceleration import MODES
 from .registry import Setting, register
 
 SETTINGS = inversion.common_settings(iterations=200, lr=0.07) + [
@@ -22,6 +23,10 @@ SETTINGS = inversion.common_settings(iterations=200, lr=0.07) + [
     Setting("strength", "float", 1.0, "How far up the noise schedule the chain starts: 1 the whole chain from "
             "pure noise (the paper); lower values start from a partly noised latent, which few DDIM steps invert "
             "and regenerate faithfully (with init=invert).", min=0.01, max=1.0),
+    Setting("accelerate", "choice", "auto", "How the DDIM chain's UNet steps run: 'off' eagerly; 'cuda-graphs' "
+            "captured once and replayed (CUDA only); 'compile' through torch.compile (slow to start); 'auto' "
+            "cuda-graphs on a GPU, off on the CPU. A mode that cannot run warns and falls back to off.",
+            choices=MODES),
     Setting("optimise_conditioning", "bool", True, "Also fit the prior's conditioning values (e.g. age, sex)."),
     Setting("init", "choice", "random", "Starting noise: 'random' (the paper), 'invert' (encode the interpolated "
             "input and run the DDIM chain backwards: starts near the input, so far fewer iterations are needed) or "

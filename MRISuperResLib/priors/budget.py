@@ -8,8 +8,12 @@ Formula (documented, measured on the architecture itself, never on real data):
 2. Activation memory of one iteration, with per-segment (and per-DDIM-step) checkpointing:
        decoder = sum_b O_b + max_b S_b + 2 max_b O_b      (kept segment inputs + one recomputed one + grads)
        without checkpointing: sum_b S_b + 2 max_b O_b
-       ldm adds max(decoder, S_unet + 2 O_unet) instead of decoder alone (backward visits one at a time).
-   Under bf16 autocast (CUDA) convolutions save bf16 but norms and attention keep fp32: 3 bytes per element.
+       ldm adds max(decoder, S_unet + 2 O_unet) instead of decoder alone (backward visits one at a time), or
+       their sum with accelerate=cuda-graphs (the captured step's memory pool stays allocated).
+       With nested checkpointing (revolve.py) sum_b O_b becomes the kept unit outputs plus the largest group's
+       inner states, and the groups' inner segments are computed once more (their FLOPs added to the time).
+   Under bf16 autocast (CUDA) convolutions save bf16 but norms and attention keep fp32: 3 bytes per element;
+   the decoder with its low-memory GroupNorms (lowmem_norm.py) saves bf16 only: 2 bytes per element.
 3. Time per iteration = (forward + recompute + backward ~ 4 F) / throughput, the throughput measured once per
    device with a small 3D convolution. Full size, the published decoder saves about 36 GB without
    checkpointing (34 GB measured in FACTS.md) and costs 15 TFLOP forward.
@@ -24,8 +28,9 @@ import torch
 
 from .. import memory
 from ..errors import ResourceError
-from . import networks
+from . import networks, revolve
 from .generator import decoder_segments
+from .revolve import meta_pass as _meta_pass
 
 GB = 1e9
 _THROUGHPUT: Dict[str, float] = {}
@@ -65,41 +70,17 @@ def duration(s: float) -> str:
     return "%.1f h" % (s / 3600)
 
 
-def _meta_pass(fn, params):
-    """(saved bytes excluding parameters, output, forward FLOPs) of fn() on meta tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    skip = {id(p) for p in params}
-    saved = [0]
-
-    def pack(t):
-        if id(t) not in skip:
-            saved[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as fc:
-        out = fn()
-    return saved[0], out, fc.get_total_flops()
-
-
-def network_profile(card: dict, with_unet: bool) -> dict:
+def network_profile(card: dict, with_unet: bool, low_memory_norm: bool = True) -> dict:
     """Bytes and FLOPs of the card's decoder (per block) and, optionally, one UNet step; fp32, batch 1."""
     ae = networks.build(card["networks"]["autoencoder"], device="meta")
     lat = [int(s) for s in card["latent"]["shape"]]
     state = (torch.zeros([1] + lat, device="meta", requires_grad=True),)
-    params = list(ae.parameters())
-    blocks_saved, blocks_out, flops = [], [], 0
-    for seg in decoder_segments(ae):
-        s, out, f = _meta_pass(lambda g=seg, st=state: g(*st), params)
-        out = out if isinstance(out, tuple) else (out,)
-        known = {id(t) for t in state}
-        blocks_saved.append(s)
-        blocks_out.append(sum(t.numel() * 4 for t in out if id(t) not in known))  # new tensors only
-        state = out
-        flops += f
+    segs = revolve.profile(decoder_segments(ae, low_memory_norm), state, list(ae.parameters()))
+    blocks_saved, blocks_out = segs["saved"], segs["out"]  # out: new tensors only
     prof = {"decoder_saved": float(sum(blocks_saved)), "decoder_block_max": float(max(blocks_saved)),
             "decoder_boundaries": float(sum(blocks_out)), "decoder_out_max": float(max(blocks_out)),
-            "decoder_flops": float(flops), "autoencoder_weights": float(4 * networks.count_parameters(ae)),
+            "decoder_flops": float(sum(segs["flops"])), "autoencoder_weights": float(4 * networks.count_parameters(ae)),
+            "decoder_segments": segs, "decoder_low_memory_norm": low_memory_norm,
             "unet_saved": 0.0, "unet_out": 0.0, "unet_flops": 0.0, "unet_weights": 0.0}
     if with_unet:
         unet = networks.build(card["networks"]["unet"], device="meta")
@@ -138,30 +119,39 @@ def _sync(device):
 
 
 def estimate(card: dict, method: str, device, iterations: int, ddim_steps: int = 0, checkpointing: bool = True,
-             weights_resident: bool = True, profile: Optional[dict] = None) -> Estimate:
-    """Estimate one run (see the module docstring); `weights_resident`: the prior is already on `device`."""
+             weights_resident: bool = True, profile: Optional[dict] = None, nested_checkpointing: bool = False,
+             accelerate: str = "off") -> Estimate:
+    """Estimate one run (see the module docstring); `weights_resident`: the prior is already on `device`;
+    accelerate: the mode acceleration.resolve gives for `device` ("cuda-graphs" keeps a step's memory)."""
     device = torch.device(device)
     uses_unet = method == "inversesr-ldm"
     p = profile or network_profile(card, uses_unet)
     scale = 0.75 if device.type == "cuda" else 1.0  # bf16 autocast: 3 of 4 bytes per saved element
+    dec_scale = 0.5 if device.type == "cuda" and p.get("decoder_low_memory_norm") else scale
+    recomputed = 0.0
     if checkpointing:
-        dec = p["decoder_boundaries"] + p["decoder_block_max"] + 2 * p["decoder_out_max"]
-        unet = p["unet_saved"] + 2 * p["unet_out"]
-        act = max(dec, unet) if uses_unet else dec
+        boundaries = p["decoder_boundaries"]
+        if nested_checkpointing and p.get("decoder_segments"):
+            units = revolve.plan(p["decoder_segments"])
+            boundaries = revolve.boundary_bytes(p["decoder_segments"], units)
+            recomputed = revolve.extra_flops(p["decoder_segments"], units)
+        dec = (boundaries + p["decoder_block_max"] + 2 * p["decoder_out_max"]) * dec_scale
+        unet = (p["unet_saved"] + 2 * p["unet_out"]) * scale
+        graphs = uses_unet and accelerate == "cuda-graphs" and device.type == "cuda"
+        act = (dec + unet if graphs else max(dec, unet)) if uses_unet else dec
         passes = 4.0
     else:
-        dec = p["decoder_saved"] + 2 * p["decoder_out_max"]
-        unet = ddim_steps * p["unet_saved"] if uses_unet else 0.0
+        dec = (p["decoder_saved"] + 2 * p["decoder_out_max"]) * dec_scale
+        unet = ddim_steps * p["unet_saved"] * scale if uses_unet else 0.0
         act = dec + unet
         passes = 3.0
-    act *= scale
     weights = p["autoencoder_weights"] + (p["unet_weights"] if uses_unet else 0.0)
     need = act + (0.0 if weights_resident else weights)
     forward = p["decoder_flops"] + (ddim_steps * p["unet_flops"] if uses_unet else 0.0)
-    per_iter = passes * forward / throughput(device)
-    parts = {"activations": act, "weights": weights, "decoder": dec * scale}
+    per_iter = (passes * forward + recomputed) / throughput(device)
+    parts = {"activations": act, "weights": weights, "decoder": dec}
     if uses_unet:
-        parts["unet_step"] = unet * scale if checkpointing else unet * scale / max(ddim_steps, 1)
+        parts["unet_step"] = unet if checkpointing else unet / max(ddim_steps, 1)
     return Estimate(need, per_iter, int(iterations), str(device), parts, model_flops=3.0 * forward)
 
 

@@ -18,8 +18,12 @@ from . import budget, synthetic, ukbb
 
 
 def profile(method: str, device="cpu", shape: Optional[Sequence[int]] = None, iterations: int = 3,
-            card: Optional[dict] = None, ddim_steps: Optional[int] = None, seed: int = 0) -> dict:
+            card: Optional[dict] = None, ddim_steps: Optional[int] = None, seed: int = 0,
+            settings: Optional[dict] = None) -> dict:
     """{"seconds_per_iteration", "peak_memory_gb", "estimate", ...} for `method` on `device`.
+
+    settings: overrides of the method's settings (e.g. {"accelerate": "cuda-graphs"}), recorded in the row with
+    the warnings the run gave (a fallback of `accelerate` is one).
 
     shape: the prior's image grid (default the card's, 160 x 224 x 160 for the published prior); it must be
     divisible by the autoencoder's downsampling factor.
@@ -31,22 +35,24 @@ def profile(method: str, device="cpu", shape: Optional[Sequence[int]] = None, it
     op = OperatorSpec.make("slice-removal", 2, 4).bind_hr(hr_shape)
     gen = torch.Generator().manual_seed(seed)
     y = op.forward(torch.rand(hr_shape, generator=gen)).to(dev)
-    overrides = {"iterations": iterations}
+    overrides = dict(settings or {}, iterations=iterations)
     if ddim_steps is not None and method == "inversesr-ldm":
         overrides["ddim_steps"] = ddim_steps
-    settings = m.resolve_settings(overrides, prior.method_defaults(method, dev.type))
-    settings["iterations"] = iterations
-    stamps = []
+    resolved = m.resolve_settings(overrides, prior.method_defaults(method, dev.type))
+    resolved["iterations"] = iterations
+    stamps, warnings = [], []
 
     def sink(event):
         if event.get("event") == "progress" and event.get("step", 0) > 0:
             stamps.append(time.perf_counter())
+        elif event.get("event") == "warning":
+            warnings.append(event["message"])
 
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    result = m.solve(y, op, prior, settings, Progress(sink), gen)
+    result = m.solve(y, op, prior, resolved, Progress(sink), gen)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     total = time.perf_counter() - t0
@@ -63,5 +69,7 @@ def profile(method: str, device="cpu", shape: Optional[Sequence[int]] = None, it
     return {"method": method, "device": str(dev), "shape": list(hr_shape), "iterations": iterations,
             "model_tflop_per_iteration": model_flops / 1e12, "achieved_tflops": model_flops / s_per_it / 1e12,
             "seconds_per_iteration": s_per_it, "seconds_total": total,
+            "first_iteration_seconds": (stamps[0] - t0) if stamps else total,  # with capture or compilation
             "peak_memory_gb": peak / budget.GB, "peak_memory_kind": what,
-            "estimate": result.info.get("estimate"), "ddim_steps": settings.get("ddim_steps")}
+            "estimate": result.info.get("estimate"), "ddim_steps": resolved.get("ddim_steps"),
+            "settings": dict(settings or {}), "warnings": warnings}

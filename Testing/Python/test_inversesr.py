@@ -106,6 +106,26 @@ def test_refused_when_it_cannot_fit(prior, monkeypatch):
                 torch.Generator())
 
 
+def test_nested_checkpointing_auto_turns_on_only_when_needed_to_fit(prior, monkeypatch):
+    flat = budget.estimate(prior.card, "inversesr-decoder", "cpu", 1).memory_bytes
+    nested = budget.estimate(prior.card, "inversesr-decoder", "cpu", 1, nested_checkpointing=True).memory_bytes
+    assert nested < flat
+    monkeypatch.setattr(budget, "available_memory", lambda device: (flat + nested) / 2 / 0.9)
+    m = get_method("inversesr-decoder")
+    op = OperatorSpec.make("slice-removal", 2, 2).bind_hr((16, 16, 16))
+    y = torch.rand(16, 16, 8, generator=torch.Generator().manual_seed(0))
+    events = []
+    m.solve(y, op, prior, m.resolve_settings({"iterations": 1}), Progress(events.append), torch.Generator())
+    assert "with nested checkpointing" in events[0]["message"]
+    with pytest.raises(ResourceError):
+        m.solve(y, op, prior, m.resolve_settings({"iterations": 1, "nested_checkpointing": "off"}), Progress(),
+                torch.Generator())
+    monkeypatch.setattr(budget, "available_memory", lambda device: 1e12)
+    events = []
+    m.solve(y, op, prior, m.resolve_settings({"iterations": 1}), Progress(events.append), torch.Generator())
+    assert "nested" not in events[0]["message"]
+
+
 def test_prior_errors_are_user_errors(prior):
     m = get_method("inversesr-ldm")
     op = OperatorSpec.make("slice-removal", 2, 2).bind_hr((16, 16, 16))
