@@ -120,7 +120,7 @@ class _StaticStep:
         self.t = t.detach().clone()
         self.context = None if context is None else context.detach().clone().requires_grad_(context.requires_grad)
         self.inputs = [v for v in (self.x, self.context) if v is not None and v.requires_grad]
-        self.signature = _signature(x, t, context)
+        self.signature = signature(x, t, context)
         self.token = None  # which forward the activations in the buffers belong to
         self._tokens = itertools.count()
 
@@ -145,7 +145,8 @@ class _StaticStep:
                      for v in (self.x, self.context))
 
 
-def _signature(x, t, context):
+def signature(x, t, context):
+    """What a captured step is specific to: shapes, dtypes, devices and which inputs need gradients."""
     return tuple(None if v is None else (tuple(v.shape), v.dtype, v.device, v.requires_grad) for v in (x, t, context))
 
 
@@ -240,8 +241,8 @@ class ReplayedStep:
         self.step = step
 
     def __call__(self, x, t, context):
-        if _signature(x, t, context) != self.step.signature:
-            raise RuntimeError("inputs %s differ from the captured %s" % (_signature(x, t, context),
+        if signature(x, t, context) != self.step.signature:
+            raise RuntimeError("inputs %s differ from the captured %s" % (signature(x, t, context),
                                                                          self.step.signature))
         if not torch.is_grad_enabled():
             with torch.no_grad():

@@ -192,7 +192,7 @@ class LatentGenerator:
         if mode == "off":
             return None
         x, ts, context = self._unet_inputs(z_T, pairs[0][0], cond)
-        key = (mode, acceleration._signature(x, ts, context))
+        key = (mode, acceleration.signature(x, ts, context))
         if key not in self._steps:
             amp = self.autocast if self.autocast is not None else z_T.device.type == "cuda"
             _, t_check, _ = self._unet_inputs(z_T, pairs[-1][0] if len(pairs) > 1 else pairs[0][0] // 2, cond)

@@ -61,3 +61,19 @@ def test_profile_on_a_tiny_config(device):
     flops = budget.network_profile(card, False)["decoder_flops"]
     assert out["model_tflop_per_iteration"] * 1e12 == pytest.approx(3 * flops / 2)
     assert out["achieved_tflops"] == pytest.approx(out["model_tflop_per_iteration"] / out["seconds_per_iteration"])
+
+
+def test_profile_rows_carry_their_settings_and_warnings():
+    from MRISuperResLib.bench.cli import profile_table
+
+    row = profile.profile("inversesr-ldm", "cpu", shape=(16, 16, 8), iterations=2, card=synthetic.tiny_card(),
+                          ddim_steps=2, settings={"accelerate": "cuda-graphs", "nested_checkpointing": "on"})
+    assert row["settings"] == {"accelerate": "cuda-graphs", "nested_checkpointing": "on"}
+    assert len(row["warnings"]) == 1 and "needs a CUDA GPU" in row["warnings"][0]
+    assert row["first_iteration_seconds"] > 0
+    gpu = dict(row, device="cuda:0", seconds_per_iteration=1.2, peak_memory_gb=17.0)
+    table = profile_table([row, gpu, {"method": "inversesr-decoder", "device": "cuda", "error": "Refused. Fix."}])
+    lines = table.splitlines()
+    assert len(lines) == 5 and "accelerate=cuda-graphs, nested_checkpointing=on" in lines[2]
+    assert "needs a CUDA GPU" in lines[2] and lines[2].count("|") == lines[0].count("|")
+    assert "<= 1.5, <= 16: **not met**" in lines[3] and "| Refused |" in lines[4]
