@@ -65,4 +65,4 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "profile-*", "profile.jso
     rows += json.load(open(path))
 print(profile_table(rows))
 PYEOF
-cat "$OUT/summary.txt" "$OUT/profile.md"
+cat "$OUT/profile.md"
