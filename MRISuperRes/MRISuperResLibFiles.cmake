@@ -44,6 +44,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/physics/operators.py
   MRISuperResLib/physics/resample.py
   MRISuperResLib/priors/__init__.py
+  MRISuperResLib/priors/acceleration.py
   MRISuperResLib/priors/budget.py
   MRISuperResLib/priors/card.py
   MRISuperResLib/priors/cli.py
@@ -51,10 +52,12 @@ set(MRISuperResLib_FILES
   MRISuperResLib/priors/generator.py
   MRISuperResLib/priors/importer.py
   MRISuperResLib/priors/inversion.py
+  MRISuperResLib/priors/lowmem_norm.py
   MRISuperResLib/priors/modelcard.py
   MRISuperResLib/priors/networks.py
   MRISuperResLib/priors/profile.py
   MRISuperResLib/priors/reference.py
+  MRISuperResLib/priors/revolve.py
   MRISuperResLib/priors/space.py
   MRISuperResLib/priors/store.py
   MRISuperResLib/priors/synthetic.py

@@ -167,7 +167,7 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
             conds.append(cond.detach())
     extras = {"uncertainty": (m2 / (n_samples - 1)).sqrt()} if n_samples > 1 else {}
     info = {"prior": prior.name, "final_loss": loss_value, "estimate": est.to_json(), "samples": n_samples,
-            "fov_coverage": round(crop.covered_fraction(), 4),
+            "fov_coverage": round(crop.covered_fraction(), 4), "nested_checkpointing": nested,
             "intensity_map": {"lo": imap.lo, "hi": imap.hi, "range": [imap.r0, imap.r1]}}
     if conds:
         c = torch.stack(conds).mean(0)
