@@ -36,7 +36,8 @@ def mni152_example(crop_to_multiple_of: int = 1) -> Volume:
 
 
 def default_method(available_names) -> str:
-    """The first method of PREFERRED that can run here (its prior installed, or no prior needed)."""
+    """The first method of PREFERRED that can run here (its prior installed, or no prior needed) and that its
+    default prior's quality gate did not find below its baseline."""
     from .methods import get_method
 
     for name in PREFERRED:
@@ -46,12 +47,15 @@ def default_method(available_names) -> str:
         if not m.needs_prior:
             return name
         try:
+            from .priors.card import gate_shortfall
             from .priors.store import default_prior
 
-            default_prior(m.needs_prior, "cpu")
-            return name
+            prior = default_prior(m.needs_prior, "cpu")
         except Exception:
             continue
+        if gate_shortfall(prior.card, name, "cpu"):
+            continue  # its own gate had it below plain interpolation: not a default
+        return name
     return "bspline"
 
 

@@ -14,7 +14,8 @@ def add_parser(sub):
                    help="One small case, reduced settings (iterations/steps), every method: minutes on 2 cores.")
     p.add_argument("--methods", nargs="+", default=None, help="Default: all (baselines are always included).")
     p.add_argument("--cases", nargs="+", default=None,
-                   help="mni152, synthetic (held-out synthetic brains), contrasts (held-out brains in T2-, FLAIR- and "
+                   help="mni152, mni152-181 (the template at about the whole-brain size, 181 x 217 x 180, for the time targets), "
+                        "synthetic (held-out synthetic brains), contrasts (held-out brains in T2-, FLAIR- and "
                         "PD-like contrasts) and/or folders of HR volumes.")
     p.add_argument("--degradations", nargs="+", default=None, choices=sorted(DEGRADATIONS))
     p.add_argument("--synthetic", type=int, default=2, help="Number of held-out synthetic brains.")

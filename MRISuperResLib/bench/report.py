@@ -18,6 +18,15 @@ def _fmt(v, nd=2):
     return str(v)
 
 
+def _seconds(r) -> str:
+    """The run's seconds, with its phases where it had more than one (e.g. adaptation, then sampling)."""
+    phases = {k: v for k, v in (r.get("phase_seconds") or {}).items() if v}
+    text = _fmt(r["seconds"], 1)
+    if len(phases) > 1:
+        text += " (%s)" % ", ".join("%s %.0f" % (k, v) for k, v in phases.items())
+    return text
+
+
 def markdown_table(rows, header="") -> str:
     lines = [header] if header else []
     lines += ["| method | case | degradation | PSNR | PSNR (mask) | d vs baseline (dB) | SSIM 3D | SSIM 2D | s | x baseline time "
@@ -30,7 +39,7 @@ def markdown_table(rows, header="") -> str:
             continue
         lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["method"], r["case"], r["degradation"], _fmt(r["psnr"]), _fmt(r["psnr_masked"]),
-            _fmt(r["delta_psnr_masked_db"]), _fmt(r["ssim"], 4), _fmt(r["ssim_slices"], 4), _fmt(r["seconds"], 1),
+            _fmt(r["delta_psnr_masked_db"]), _fmt(r["ssim"], 4), _fmt(r["ssim_slices"], 4), _seconds(r),
             _fmt(r["time_ratio"], 1), _fmt(r["peak_ram_mb"], 0), _fmt(r["peak_gpu_mb"], 0), r["device"]))
     return "\n".join(lines) + "\n"
 

@@ -44,6 +44,7 @@ class Row:
     delta_psnr_masked_db: Optional[float] = None
     time_ratio: Optional[float] = None
     settings: Dict = field(default_factory=dict)
+    phase_seconds: Dict = field(default_factory=dict)  # e.g. {"adaptation": 90.1, "sampling": 300.2}
     prior: Optional[str] = None
     error: Optional[str] = None
 
@@ -152,6 +153,7 @@ def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]]
                         row.peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                     row.device = out.info.get("device", device)
                     row.prior = out.info.get("prior") or (prior.name if prior is not None else None)
+                    row.phase_seconds = dict(out.info.get("phase_seconds") or {})
                     x = out.volume.array
                     row.psnr = psnr(hr.array, x, dr)
                     row.psnr_masked = psnr(hr.array, x, dr, mask)

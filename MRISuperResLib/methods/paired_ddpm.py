@@ -17,6 +17,8 @@ and one noise draw, and overlapping patches never disagree about z.
 Its prior works on patches, not on one grid: it runs on the input's own HR grid, with no registration (native.py).
 """
 
+import time
+
 import torch
 
 from ..diffusion.adapt import ScanPairs, adapt, why_not_adaptable
@@ -172,7 +174,9 @@ def solve(y, physics, prior, settings, progress, generator):
     dev, dtype = y.device, torch.float32
     net_dev = next(model.unet.parameters()).device
     pairs = sampling_pairs(steps, model.alpha_bar)
+    started = time.perf_counter()
     model, adapted, progress = _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress, generator)
+    adapted_at = time.perf_counter()
     turn = _turn_to_trained_axis(prior, physics)
     cond = condition_of(physics)
     if turn is not None:
@@ -224,5 +228,7 @@ def solve(y, physics, prior, settings, progress, generator):
             extras["uncertainty"] = out.std(0)
     info = {"samples": n_samples, "patch": list(patch), "batch": batch, "axis_turned_to_k": turn,
             "intensity_scale": [scale.lo, scale.hi],
-            "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4), "adapted": adapted}
+            "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4), "adapted": adapted,
+            "phase_seconds": {"adaptation": round(adapted_at - started, 2),
+                              "sampling": round(time.perf_counter() - adapted_at, 2)}}
     return SolveResult(out.mean(0), extras, info)

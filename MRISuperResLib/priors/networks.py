@@ -21,6 +21,9 @@ _CHUNK = 1 << 22
 # "explicit": build attention the way the card's kwargs alone say (to measure the fused kernel, or to step
 # around it where a platform's kernel misbehaves)
 ATTENTION_ENV = "MRISUPERRES_ATTENTION"
+# "contiguous": keep PyTorch's default tensor layout on the CPU (to measure the channels-last one, or to step
+# around a platform where oneDNN misbehaves)
+LAYOUT_ENV = "MRISUPERRES_LAYOUT"
 
 
 def _classes():
@@ -67,6 +70,24 @@ def _with_fused_attention(cls, kwargs: dict) -> dict:
     if "use_flash_attention" not in kwargs and "use_flash_attention" in inspect.signature(cls).parameters:
         kwargs = dict(kwargs, use_flash_attention=True)
     return kwargs
+
+
+def with_fast_layout(net: torch.nn.Module, device) -> torch.nn.Module:
+    """`net` with its convolution weights channels-last on the CPU, where that is the layout oneDNN runs fastest.
+
+    Why: with NCDHW weights, oneDNN reorders every activation before each convolution, and the smallest levels of
+    a UNet fall back to PyTorch's own slow convolution; with channels-last weights every convolution takes the
+    native path and its output stays channels-last. Measured on this project's 2-core CPU: the paired UNet 33%,
+    the VDM's 2D UNet 26%, the autoencoder's decoder (forward and backward) 25% faster; the values are the same
+    up to float rounding (`bench --speedups`). On a GPU the layout is left as it is (not measured there).
+    """
+    if torch.device(device).type != "cpu" or os.environ.get(LAYOUT_ENV, "").strip().lower() == "contiguous":
+        return net
+    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    if not convs:
+        return net
+    fmt = torch.channels_last_3d if isinstance(convs[0], torch.nn.Conv3d) else torch.channels_last
+    return net.to(memory_format=fmt)
 
 
 def count_parameters(net: torch.nn.Module) -> int:

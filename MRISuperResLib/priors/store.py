@@ -143,7 +143,7 @@ class Prior:
 
     def to(self, device) -> "Prior":
         for k in self.networks:
-            self.networks[k] = self.networks[k].to(device)
+            self.networks[k] = networks.with_fast_layout(self.networks[k].to(device), device)
         return self
 
     def method_defaults(self, method: str, device_type: str) -> dict:
@@ -207,7 +207,8 @@ def run_defaults(method: str, kind: str, device_types=("cpu", "cuda")) -> dict:
     """Where a run's settings come from for a method with a prior, for `methods`: the schema's defaults, then the
     chosen prior's card (`method_defaults`, per device type), then --set.
 
-    {"default_prior": {device type: name or None}, "prior_defaults": {prior name: {device type: {setting: value}}}}
+    {"default_prior": {device type: name or None}, "prior_defaults": {prior name: {device type: {setting: value}}},
+     "below_baseline_with_default_prior": {device type: the card's gate warning, or None}}
     """
     per_prior = {}
     for item in installed():
@@ -217,13 +218,18 @@ def run_defaults(method: str, kind: str, device_types=("cpu", "cuda")) -> dict:
             continue
         if card["kind"] == kind:
             per_prior[card["name"]] = {d: cards.method_defaults(card, method, d) for d in device_types}
-    chosen = {}
+    chosen, below = {}, {}
     for d in device_types:
         try:
-            chosen[d] = cards.read_card(default_prior_folder(kind, d))["name"]
+            card = cards.read_card(default_prior_folder(kind, d))
         except UserError:
-            chosen[d] = None
-    return {"default_prior": chosen, "prior_defaults": per_prior}
+            chosen[d], below[d] = None, None
+            continue
+        # a device type the gate never ran on inherits the CPU's verdict: the same prior, similar settings
+        chosen[d] = card["name"]
+        below[d] = cards.gate_shortfall(card, method, d) or (cards.gate_shortfall(card, method, "cpu")
+                                                             if d != "cpu" else None)
+    return {"default_prior": chosen, "prior_defaults": per_prior, "below_baseline_with_default_prior": below}
 
 
 def default_prior(kind: str, device="cpu") -> Prior:

@@ -53,6 +53,32 @@ def test_synthetic_cases_are_held_out_heads_on_the_prior_grid():
     assert 0.0 <= vol.array.min() and vol.array.max() <= 1.0 and vol.array.std() > 0.05
 
 
+def test_whole_brain_case_is_the_template_at_the_size_of_a_clinical_1mm_volume():
+    import numpy as np
+
+    from MRISuperResLib.bench.cases import resolve_cases
+    from MRISuperResLib.demo import mni152_example
+
+    (case,) = resolve_cases(["mni152-181"])
+    vol, full = case.load(), mni152_example()
+    assert vol.grid.shape == (181, 217, 180) and vol.grid.spacing == full.grid.spacing
+    # a centre cut of the template itself: the voxel at its first index sits where the template has it
+    lo = (np.asarray(full.grid.shape) - np.asarray(vol.grid.shape)) // 2
+    assert np.array_equal(vol.array, full.array[lo[0]:lo[0] + 181, lo[1]:lo[1] + 217, lo[2]:lo[2] + 180])
+    assert np.allclose(vol.grid.index_to_physical((0, 0, 0)), full.grid.index_to_physical(lo), atol=1e-6)
+
+
+def test_phase_seconds_are_shown_beside_a_run_with_more_than_one_phase():
+    from MRISuperResLib.bench.report import markdown_table
+
+    row = dict(method="paired-ddpm", case="c", degradation="d", psnr=1.0, psnr_masked=1.0, delta_psnr_masked_db=0.0,
+               ssim=0.5, ssim_slices=0.5, seconds=300.0, time_ratio=1.0, peak_ram_mb=1.0, peak_gpu_mb=None,
+               device="cpu", error=None, phase_seconds={"adaptation": 100.0, "sampling": 200.0})
+    assert "| 300.0 (adaptation 100, sampling 200) |" in markdown_table([row])
+    row["phase_seconds"] = {"adaptation": 0.0, "sampling": 300.0}
+    assert "| 300.0 |" in markdown_table([row])
+
+
 def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case():
     from MRISuperResLib.bench.cli import GATE, GATE_TARGET_DB
     from MRISuperResLib.bench.report import gate_summary
@@ -123,13 +149,13 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
 def test_speedups_are_measured_against_the_plain_run_and_keep_the_result(tmp_path):
     from MRISuperResLib.bench import speedups
 
-    configs = [("plain", False, False), ("both (default)", True, True)]
+    configs = [("plain", False, False, False), ("all (default)", True, True, True)]
     rows = speedups.run(str(tmp_path), "cpu", samples=1, shape=(32, 32, 32), configs=configs)
-    assert [r["config"] for r in rows] == ["plain", "both (default)"]
+    assert [r["config"] for r in rows] == ["plain", "all (default)"]
     assert rows[0]["x_plain_time"] == 1.0 and rows[1]["x_plain_time"] > 0
     assert all(r["peak_ram_mb"] > 100 and r["seconds"] > 0 for r in rows)
     # the speed-ups may not change the answer beyond float rounding
     assert rows[1]["max_abs_diff_vs_plain"] < 1e-4 * rows[1]["output_range"]
     assert not any(n.endswith(".npy") for n in os.listdir(str(tmp_path)))
     table = speedups.markdown(rows)
-    assert table.count("\n") == 3 and "| both (default) | yes | yes |" in table
+    assert table.count("\n") == 3 and "| all (default) | yes | yes | yes |" in table

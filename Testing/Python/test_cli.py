@@ -47,6 +47,19 @@ def test_methods_json_contract():
             for prior, per_device in m["prior_defaults"].items():
                 assert all(set(values) <= names for values in per_device.values()), prior
             assert all(p is None or p in m["prior_defaults"] for p in m["default_prior"].values())
+            assert set(m["below_baseline_with_default_prior"]) == {"cpu", "cuda"}
+    below = {m["name"]: m.get("below_baseline_with_default_prior") for m in items}
+    # the shipped LDM prior's own gate has the decoder below B-spline and the paired model above it
+    assert "below bspline" in below["inversesr-decoder"]["cpu"] and "synth-brain-ldm" in below["inversesr-decoder"]["cpu"]
+    assert below["paired-ddpm"] == {"cpu": None, "cuda": None}
+
+
+def test_a_method_below_its_baseline_with_its_default_prior_is_not_the_default():
+    from MRISuperResLib.demo import default_method
+
+    assert default_method(["paired-ddpm", "inversesr-decoder", "bspline"]) == "paired-ddpm"
+    assert default_method(["inversesr-decoder", "inversesr-ldm", "bspline"]) == "inversesr-ldm"
+    assert default_method(["inversesr-decoder", "bspline"]) == "bspline"
 
 
 def test_devices_json():

@@ -83,3 +83,29 @@ def test_attention_runs_fused_unless_the_card_or_the_environment_says_otherwise(
     with torch.no_grad():
         a, b = fused(x, t), explicit(x, t)
     assert torch.allclose(a, b, atol=1e-5 * float(b.abs().max()), rtol=0)
+
+
+def test_loaded_networks_take_the_channels_last_layout_on_the_cpu_with_the_same_answer(monkeypatch):
+    from conftest import assert_same_to_float32_rounding
+
+    net = _small_unet()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 2, 16, 16, 16, generator=g)
+    t = torch.tensor([999, 10])
+    with torch.no_grad():
+        before = net(x, t)
+        fast = networks.with_fast_layout(net, "cpu")
+        conv = [m for m in fast.modules() if isinstance(m, torch.nn.Conv3d)][0]
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        assert not conv.weight.is_contiguous()
+        assert_same_to_float32_rounding(fast(x, t), before)
+    monkeypatch.setenv(networks.LAYOUT_ENV, "contiguous")
+    plain = networks.with_fast_layout(_small_unet(), "cpu")
+    assert [m for m in plain.modules() if isinstance(m, torch.nn.Conv3d)][0].weight.is_contiguous()
+
+
+def test_weights_saved_from_a_channels_last_network_are_the_same_file(tmp_path):
+    net = _small_unet()
+    plain = networks.save_safetensors(net, str(tmp_path / "plain.safetensors"))
+    fast = networks.save_safetensors(networks.with_fast_layout(net, "cpu"), str(tmp_path / "fast.safetensors"))
+    assert plain == fast
