@@ -453,6 +453,35 @@ class OutputSet:
         return False
 
 
+def atomic_write(path, write, suffix: str = "") -> str:
+    """Any other file, all or nothing: `write(tmp)` fills a temporary file beside `path`, which then replaces it.
+
+    The same temporary files as the volumes', so a killed run's leftovers are removed the same way; `suffix` keeps
+    the ending for writers that choose their format by it (e.g. ".png"). Permissions as for a plain new file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    clean_stale_partials(folder)
+    tmp = _new_partial(folder, suffix)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+        _ACTIVE.discard(tmp)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> str:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
 def write_volume(vol: Volume, path, description=None, pixel_type: str = "float32") -> str:
     """Write float32 (or, for small auxiliary images, uint8) voxels atomically: a verified temp file, then rename."""
     with OutputSet() as outs:
