@@ -1,4 +1,4 @@
-"""Noise schedules and the DDIM step (Song et al. 2021), owned here: every sampler steps with `ddim_step` over the
+"""Noise schedules and the DDIM step (Song et al. 2021), owned here: every DDIM sampler steps with `ddim_step` over the
 (t, ab_t, ab_prev) pairs of `ddim_pairs`.
 
 Notation (code -> paper symbol):
