@@ -1,5 +1,5 @@
-"""Noise schedules and the DDIM step (Song et al. 2021), owned here: every DDIM sampler steps with `ddim_step` over the
-(t, ab_t, ab_prev) pairs of `ddim_pairs`.
+"""Noise schedules and the DDIM step (Song et al. 2021), owned here: every DDIM sampler steps with `ddim_step`
+over the (t, ab_t, ab_prev) pairs of `ddim_pairs`.
 
 Notation (code -> paper symbol):
     alpha_bar[t]  -> bar-alpha_t, the cumulative product of (1 - beta_s) for s <= t (t = 0 .. T-1)
@@ -29,7 +29,8 @@ import torch
 from ..errors import InputError
 
 SCHEDULES = ("scaled_linear_beta", "linear_beta", "cosine")
-PREDICTIONS = ("epsilon", "sample")  # the LDM chain here needs epsilon (methods/inversesr/solver.check_prior); paired may use x0
+# the LDM chain needs epsilon (methods/inversesr/solver.check_prior); the paired model may predict x0
+PREDICTIONS = ("epsilon", "sample")
 
 
 @dataclass(frozen=True)
