@@ -1,4 +1,5 @@
-"""Volumes and their geometry, read and written through SimpleITK.
+"""Volumes and their geometry, read and written through SimpleITK; and the one atomic writer every other file
+(cards, weights, checkpoints, tables, figures) goes through, with the volumes' own temporary files.
 
 Axis convention: arrays are indexed ``[i, j, k]`` in ITK/SimpleITK index order (the
 transpose of ``sitk.GetArrayFromImage``). ``direction`` is a 3x3 matrix whose column ``a``
