@@ -16,7 +16,7 @@ import time
 from typing import Dict, List, Optional
 
 from ..allocator import OPT_OUT
-from ..priors.networks import ATTENTION_ENV, LAYOUT_ENV
+from ..priors.folder import ATTENTION_ENV, LAYOUT_ENV
 
 CONFIGS = [  # (name, fused attention, freed heap kept, channels-last layout on the CPU)
     ("plain", False, False, False),

@@ -8,7 +8,7 @@ z_0 clean latent; x = D(z_0 / scale_factor) the image (1, 1, n_i, n_j, n_k) in t
    during backward, so memory is one UNet step, not N of them.
 2. x = decoder(z_0): checkpointed per segment, a segment being a decoder block or half a residual block
    (GroupNorm spans the whole volume, so tiling is not exact; recomputation is). Halving the residual blocks
-   cuts the published decoder's recompute peak from 16 GB to about 7 GB (budget.py measures it).
+   cuts the published decoder's recompute peak from 16 GB to about 7 GB (methods/inversesr/budget.py measures it).
 On CUDA both run under bf16 autocast (fp32 on CPU); gradients and parameters stay fp32.
 """
 
@@ -89,7 +89,8 @@ class LatentGenerator:
 
     # ---- diffusion ----
     def timesteps_pairs(self, timesteps: Sequence[int]):
-        return ddim_pairs(list(timesteps), self.alpha_bar)
+        # the chain's last step stays on the schedule (to alpha_bar[0]), as InverseSR's does
+        return ddim_pairs(list(timesteps), self.alpha_bar, final_alpha_bar=float(self.alpha_bar[0]))
 
     def eps(self, z_t: torch.Tensor, t: int, cond: Optional[torch.Tensor]) -> torch.Tensor:
         """The UNet's noise prediction; c goes in as channels and as cross-attention context, per the card."""

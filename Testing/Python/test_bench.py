@@ -80,7 +80,7 @@ def test_phase_seconds_are_shown_beside_a_run_with_more_than_one_phase():
 
 
 def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case():
-    from MRISuperResLib.bench.cli import GATE, GATE_TARGET_DB
+    from MRISuperResLib.bench.cli import GATE_TARGET_DB, gate_plan
     from MRISuperResLib.bench.report import gate_summary
 
     def row(method, deg, psnr, prior=None, baseline="bspline"):
@@ -96,7 +96,7 @@ def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case()
     for r in rows:
         base = next(b for b in rows if b["method"] == r["baseline"] and b["degradation"] == r["degradation"])
         r["delta_psnr_masked_db"] = r["psnr_masked"] - base["psnr_masked"]
-    out = gate_summary(rows, GATE, GATE_TARGET_DB)
+    out = gate_summary(rows, gate_plan(), GATE_TARGET_DB)
     assert sorted(out) == ["p", "v"]
     p = {r["degradation"]: r for r in out["p"]}
     assert sorted(p) == ["slice-removal-4mm", "slice-removal-8mm", "thick-slice-5mm"]  # k-space is not paired-ddpm's
@@ -109,7 +109,7 @@ def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case()
 def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, monkeypatch):
     import json
 
-    from MRISuperResLib.bench.cli import GATE, GATE_TARGET_DB
+    from MRISuperResLib.bench.cli import GATE_TARGET_DB, gate_plan
     from MRISuperResLib.bench.report import update_cards
     from MRISuperResLib.priors import synthetic
     from MRISuperResLib.priors.store import load_prior
@@ -126,9 +126,9 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
                            delta_psnr_masked_db=psnr - 20.0)]
 
     meta = {"command": "bench --gate --cases synthetic", "machine": "m", "date": "d1"}
-    assert update_cards(rows("synthetic-1", 22.0), meta, GATE, GATE_TARGET_DB) == [folder]
-    update_cards(rows("mni152", 20.5), dict(meta, command="bench --gate --cases mni152", date="d2"), GATE, GATE_TARGET_DB)
-    update_cards(rows("mni152", 21.5), dict(meta, command="bench --gate --cases mni152", date="d3"), GATE, GATE_TARGET_DB)
+    assert update_cards(rows("synthetic-1", 22.0), meta, gate_plan(), GATE_TARGET_DB) == [folder]
+    update_cards(rows("mni152", 20.5), dict(meta, command="bench --gate --cases mni152", date="d2"), gate_plan(), GATE_TARGET_DB)
+    update_cards(rows("mni152", 21.5), dict(meta, command="bench --gate --cases mni152", date="d3"), gate_plan(), GATE_TARGET_DB)
     with open(tmp_path / "store" / "gate-ldm" / "model.json") as fh:
         gate = json.load(fh)["quality_gate"]
     got = {(r["case"], r["meets_target"]) for r in gate["rows"]}
@@ -138,7 +138,7 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
     assert {r["case"]: gate["runs"][r["run"]]["date"] for r in gate["rows"]} == {"synthetic-1": "d1", "mni152": "d3"}
     # a GPU run of the same rows sits beside the CPU ones instead of replacing them
     gpu = [dict(r, device="cuda:0") for r in rows("mni152", 23.0)]
-    update_cards(gpu, dict(meta, command="bench --gate --device cuda", date="d4"), GATE, GATE_TARGET_DB)
+    update_cards(gpu, dict(meta, command="bench --gate --device cuda", date="d4"), gate_plan(), GATE_TARGET_DB)
     with open(tmp_path / "store" / "gate-ldm" / "model.json") as fh:
         rows_now = json.load(fh)["quality_gate"]["rows"]
     assert sorted((r["case"], r.get("device") or "cpu", r["psnr_masked"]) for r in rows_now) == [

@@ -22,10 +22,10 @@ from typing import Dict, Optional
 
 import torch
 
-from .. import memory
-from ..errors import ResourceError
-from . import networks
-from .generator import decoder_segments
+from ... import memory
+from ...errors import ResourceError
+from ...priors.folder import build, count_parameters
+from ...priors.generator import decoder_segments
 
 GB = 1e9
 _THROUGHPUT: Dict[str, float] = {}
@@ -84,7 +84,7 @@ def _meta_pass(fn, params):
 
 def network_profile(card: dict, with_unet: bool) -> dict:
     """Bytes and FLOPs of the card's decoder (per block) and, optionally, one UNet step; fp32, batch 1."""
-    ae = networks.build(card["networks"]["autoencoder"], device="meta")
+    ae = build(card["networks"]["autoencoder"], device="meta")
     lat = [int(s) for s in card["latent"]["shape"]]
     state = (torch.zeros([1] + lat, device="meta", requires_grad=True),)
     params = list(ae.parameters())
@@ -99,10 +99,10 @@ def network_profile(card: dict, with_unet: bool) -> dict:
         flops += f
     prof = {"decoder_saved": float(sum(blocks_saved)), "decoder_block_max": float(max(blocks_saved)),
             "decoder_boundaries": float(sum(blocks_out)), "decoder_out_max": float(max(blocks_out)),
-            "decoder_flops": float(flops), "autoencoder_weights": float(4 * networks.count_parameters(ae)),
+            "decoder_flops": float(flops), "autoencoder_weights": float(4 * count_parameters(ae)),
             "unet_saved": 0.0, "unet_out": 0.0, "unet_flops": 0.0, "unet_weights": 0.0}
     if with_unet:
-        unet = networks.build(card["networks"]["unet"], device="meta")
+        unet = build(card["networks"]["unet"], device="meta")
         cin = int(card["networks"]["unet"]["kwargs"].get("in_channels", lat[0]))
         cond = card.get("conditioning")
         ctx = torch.zeros(1, 1, len(cond["names"]), device="meta") if cond and cond.get("as_context", True) else None
@@ -110,7 +110,7 @@ def network_profile(card: dict, with_unet: bool) -> dict:
         t = torch.zeros(1, dtype=torch.long, device="meta")
         s, out, f = _meta_pass(lambda: unet(x, t, context=ctx), list(unet.parameters()))
         prof.update(unet_saved=float(s), unet_out=float(out.numel() * 4), unet_flops=float(f),
-                    unet_weights=float(4 * networks.count_parameters(unet)))
+                    unet_weights=float(4 * count_parameters(unet)))
     return prof
 
 
@@ -137,11 +137,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def estimate(card: dict, method: str, device, iterations: int, ddim_steps: int = 0, checkpointing: bool = True,
+def estimate(card: dict, device, iterations: int, ddim_steps: int = 0, checkpointing: bool = True,
              weights_resident: bool = True, profile: Optional[dict] = None) -> Estimate:
-    """Estimate one run (see the module docstring); `weights_resident`: the prior is already on `device`."""
+    """Estimate one run (see the module docstring); `weights_resident`: the prior is already on `device`.
+
+    ddim_steps: steps of the DDIM chain the generator runs before its decoder (inversesr-ldm); 0: the decoder alone.
+    """
     device = torch.device(device)
-    uses_unet = method == "inversesr-ldm"
+    uses_unet = ddim_steps > 0
     p = profile or network_profile(card, uses_unet)
     scale = 0.75 if device.type == "cuda" else 1.0  # bf16 autocast: 3 of 4 bytes per saved element
     if checkpointing:
