@@ -34,6 +34,22 @@ def mni152_example(crop_to_multiple_of: int = 1) -> Volume:
     return vol
 
 
+def cropped_to_head(vol: Volume, multiple: int = 1, margin: int = 8) -> Volume:
+    """`vol` cut to the box around its head (voxels above 2% of the maximum) plus `margin` voxels of air, each size
+    a multiple of `multiple`, on the same physical grid. Why: the template carries a wide border of air that the
+    demo would otherwise spend a third of its time on, and that no score or picture needs."""
+    fg = np.argwhere(vol.array > 0.02 * float(vol.array.max()))
+    shape = np.asarray(vol.grid.shape)
+    lo = np.maximum(fg.min(0) - margin, 0)
+    size = np.minimum(fg.max(0) + 1 + margin, shape) - lo
+    size = np.minimum(-(-size // multiple) * multiple, shape - shape % multiple)
+    lo = np.minimum(lo, shape - size)
+    sl = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, size))
+    grid = type(vol.grid)(tuple(int(n) for n in size), vol.grid.spacing, vol.grid.index_to_physical(lo),
+                          vol.grid.direction)
+    return Volume(np.ascontiguousarray(vol.array[sl]), grid, description=vol.description)
+
+
 def default_method(available_names) -> str:
     """The first method of PREFERRED that can run here (its prior installed, or no prior needed) and that its
     default prior's quality gate did not find below its baseline."""
@@ -104,7 +120,7 @@ def run_demo(out: str = "out", method=None, operator: str = "thick-slice", axis:
     names = [m.name for m in available()]
     method = method or default_method(names)
     spec = OperatorSpec.make(operator, axis, factor)
-    hr = mni152_example(crop_to_multiple_of=int(np.ceil(factor)))
+    hr = cropped_to_head(mni152_example(), int(np.ceil(factor)))
     op = spec.bind_hr(hr.grid.shape)
     lr = Volume(op.forward(torch.as_tensor(hr.array, dtype=torch.float64)).float().numpy(), lr_grid(hr.grid, op))
     paths = {k: os.path.join(out, v) for k, v in

@@ -196,3 +196,19 @@ def test_batch_over_folder_skips_bad_files_and_resumes(tmp_path):
     assert r.returncode == 2 and "input folder" in r.stderr
     r = cli("run", "--input", src, "--output", tmp_path / "x.nii.gz", "--method", "bspline")
     assert r.returncode == 2 and "must be a folder" in r.stderr and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_demo_cuts_the_template_to_its_head_on_the_same_physical_grid():
+    import numpy as np
+
+    from MRISuperResLib.demo import cropped_to_head, mni152_example
+
+    full = mni152_example()
+    cut = cropped_to_head(full, multiple=4)
+    assert all(n % 4 == 0 for n in cut.grid.shape) and np.prod(cut.grid.shape) < 0.7 * np.prod(full.grid.shape)
+    assert float(cut.array.sum()) == float(full.array.sum())  # nothing but air left out
+    lo = np.round(np.linalg.solve(np.asarray(full.grid.direction).reshape(3, 3) * np.asarray(full.grid.spacing),
+                                  np.asarray(cut.grid.origin) - np.asarray(full.grid.origin))).astype(int)
+    sl = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, cut.grid.shape))
+    assert np.array_equal(cut.array, full.array[sl])
+    assert np.allclose(cut.grid.index_to_physical((0, 0, 0)), full.grid.index_to_physical(lo), atol=1e-6)
