@@ -161,3 +161,14 @@ def test_speedups_are_measured_against_the_plain_run_and_keep_the_result(tmp_pat
     assert not any(n.endswith(".npy") for n in os.listdir(str(tmp_path)))
     table = speedups.markdown(rows)
     assert table.count("\n") == 3 and "| all (default) | yes | yes | yes |" in table
+
+
+def test_a_case_whose_size_the_factor_does_not_divide_is_reported_not_a_crash():
+    from MRISuperResLib.bench import runner
+    from MRISuperResLib.bench.cases import Case
+
+    vol = Volume.from_array(phantom((32, 32, 36), seed=2) * 300)
+    rows, _ = runner.run([Case("odd", "user", lambda: vol)], ["slice-removal-8mm"], ["trilinear"], "cpu",
+                         log=lambda m: None)
+    errors = {r.method: r.error for r in rows}
+    assert "not a multiple of the factor" in errors["trilinear"] and "32x32x40" in errors["trilinear"]
