@@ -9,16 +9,20 @@ set(MRISuperResLib_FILES
   MRISuperResLib/devices.py
   MRISuperResLib/errors.py
   MRISuperResLib/integrity.py
+  MRISuperResLib/intensity.py
   MRISuperResLib/memory.py
   MRISuperResLib/metrics.py
   MRISuperResLib/native.py
+  MRISuperResLib/orientation.py
   MRISuperResLib/pipeline.py
   MRISuperResLib/progress.py
   MRISuperResLib/registration.py
+  MRISuperResLib/settings.py
   MRISuperResLib/volume.py
   MRISuperResLib/bench/__init__.py
   MRISuperResLib/bench/cases.py
   MRISuperResLib/bench/cli.py
+  MRISuperResLib/bench/profile.py
   MRISuperResLib/bench/report.py
   MRISuperResLib/bench/runner.py
   MRISuperResLib/bench/speedups.py
@@ -26,7 +30,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/diffusion/adapt.py
   MRISuperResLib/diffusion/cards.py
   MRISuperResLib/diffusion/cosine.py
-  MRISuperResLib/diffusion/intensity.py
+  MRISuperResLib/diffusion/paired_model.py
   MRISuperResLib/diffusion/patches.py
   MRISuperResLib/diffusion/vdm.py
   MRISuperResLib/methods/__init__.py
@@ -38,6 +42,9 @@ set(MRISuperResLib_FILES
   MRISuperResLib/methods/registry.py
   MRISuperResLib/methods/sinc.py
   MRISuperResLib/methods/trilinear.py
+  MRISuperResLib/methods/inversesr/__init__.py
+  MRISuperResLib/methods/inversesr/budget.py
+  MRISuperResLib/methods/inversesr/solver.py
   MRISuperResLib/physics/__init__.py
   MRISuperResLib/physics/grids.py
   MRISuperResLib/physics/kernels.py
@@ -45,20 +52,16 @@ set(MRISuperResLib_FILES
   MRISuperResLib/physics/resample.py
   MRISuperResLib/priors/__init__.py
   MRISuperResLib/priors/acceleration.py
-  MRISuperResLib/priors/budget.py
   MRISuperResLib/priors/card.py
   MRISuperResLib/priors/cli.py
   MRISuperResLib/priors/ddim.py
+  MRISuperResLib/priors/folder.py
   MRISuperResLib/priors/generator.py
   MRISuperResLib/priors/importer.py
-  MRISuperResLib/priors/inversion.py
   MRISuperResLib/priors/lowmem_norm.py
   MRISuperResLib/priors/modelcard.py
-  MRISuperResLib/priors/networks.py
-  MRISuperResLib/priors/profile.py
   MRISuperResLib/priors/reference.py
   MRISuperResLib/priors/revolve.py
-  MRISuperResLib/priors/space.py
   MRISuperResLib/priors/store.py
   MRISuperResLib/priors/synthetic.py
   MRISuperResLib/priors/ukbb.py

@@ -259,7 +259,7 @@ def cmd_run(args):
     overrides = _parse_sets(args.set)
     method.resolve_settings(overrides)  # validate names and values before any work
     if args.seed is not None:
-        from .methods.registry import SEED
+        from .settings import SEED
 
         args.seed = SEED.parse(args.seed, method.name)
     spec = _spec_from_args(args)
@@ -412,7 +412,15 @@ def cmd_metrics(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    return run_demo(args)
+    report = run_demo(args.out, args.method, args.operator, args.axis, args.factor, args.device, _parse_sets(args.set),
+                      progress=Progress(TextSink()), log=_log)
+    print("%-12s %10s %12s %8s %10s %8s" % ("method", "PSNR dB", "PSNR(mask)", "SSIM", "SSIM(mask)", "seconds"))
+    for name, s in report["scores"].items():
+        print("%-12s %10.2f %12.2f %8.4f %10.4f %8.1f" % (name, s["psnr"], s["psnr_masked"], s["ssim"],
+                                                         s["ssim_masked"], s["seconds"]))
+    paths = report["paths"]
+    print("output: %s\npicture: %s\nmetrics: %s" % (paths["sr"], paths["png"], paths["metrics"]))
+    return 0
 
 
 COMMANDS = {"methods": cmd_methods, "devices": cmd_devices, "degrade": cmd_degrade, "run": cmd_run,

@@ -68,12 +68,11 @@ def _prior_identity(method, model, device_type):
     """(name, sha256 of model.json, folder) of the prior a run would load, without loading weights."""
     if not method.needs_prior:
         return None, None, None
-    from .priors import card as cards
-    from .priors.networks import file_digest
+    from .priors.folder import CARD_FILE, file_digest, read_card
     from .priors.store import default_prior_folder, find_prior
 
     folder = find_prior(model) if model else default_prior_folder(method.needs_prior, device_type)
-    return cards.read_card(folder)["name"], file_digest(os.path.join(folder, cards.CARD_FILE)), folder
+    return read_card(folder)["name"], file_digest(os.path.join(folder, CARD_FILE)), folder
 
 
 def plan_on_worker(job: CohortJob) -> dict:
@@ -81,12 +80,12 @@ def plan_on_worker(job: CohortJob) -> dict:
     from .devices import resolve_device
     from .methods import get_method
     from .pipeline import run_settings
-    from .priors import card as cards
+    from .priors.folder import read_card
 
     method = get_method(job.method)
     dev = resolve_device(job.device)
     name, sha, folder = _prior_identity(method, job.model, dev.type)
-    card = cards.read_card(folder) if folder else None
+    card = read_card(folder) if folder else None
     settings = run_settings(method, job.settings, card, dev.type, job.seed)
     return _jsonable({"device": str(dev), "prior": name, "prior_sha256": sha, "settings": settings})
 
@@ -133,7 +132,7 @@ def run_file(job: CohortJob, input_path: str, output_path: str) -> dict:
     from .devices import resolve_device
     from .methods import get_method
     from .pipeline import infer_degradation, super_resolve
-    from .priors.networks import file_digest
+    from .priors.folder import file_digest
     from .progress import Progress
     from .volume import read_volume, write_volume
 
@@ -233,7 +232,7 @@ def output_intact(path, entry) -> bool:
     """The output SimpleITK reads with the recorded size, and its sha256 is the recorded one."""
     import SimpleITK as sitk
 
-    from .priors.networks import file_digest
+    from .priors.folder import file_digest
 
     if not os.path.isfile(path):
         return False
@@ -248,7 +247,7 @@ def output_intact(path, entry) -> bool:
 
 def redo_reason(entry, job: CohortJob, plan: dict, input_path, output_path) -> Optional[str]:
     """Why an input must run again (None: its output is current)."""
-    from .priors.networks import file_digest
+    from .priors.folder import file_digest
 
     if not entry or entry.get("status") != "ok":
         return "not done"

@@ -6,7 +6,7 @@ physical LPS points; R = AffineResample(G_p, G_n, T) (prior-grid image -> G_n, t
 B = A's cubic B-spline upsampling; C the prior's region on G_n; M the LR samples that see only C.
 
 1. Decide. G_n with G_p's direction and spacing (to 1e-3) and an overlapping box, under registration "auto" or
-   "none": no resampling at all, the solver gets A itself (priors/space.CropPad crops/pads onto G_p).
+   "none": no resampling at all, the solver gets A itself (methods/inversesr/solver.CropPad crops/pads onto G_p).
    Otherwise T = register(B y on G_n, the prior's reference, its brain mask) ("auto" = rigid), or T = identity
    under "none" (the input's physical coordinates are taken as the prior's).
 2. C = the reference brain mask mapped to G_n, dilated DILATE_MM, within G_p's box. The solver's operator is

@@ -2,11 +2,13 @@
 
 1. Decide the degradation: the user's operator, or infer it from the voxel spacing.
 2. Bind it to the input's size -> the operator A and the HR grid (physics.hr_grid).
-3. Methods bound to a prior's grid (needs_prior "ldm"): bring the input into the prior's space (native.py:
-   registration unless the input already lies on the prior's grid) and solve there.
+3. Methods bound to a prior's grid (registered with a GridBinding): bring the input into the prior's space
+   (native.py: registration unless the input already lies on the prior's grid) and solve there.
 4. Run the method's solver on the voxels (input intensity units, float32 tensors in i, j, k order).
 5. Back on the HR grid (native.py blends the prior's output with the B-spline interpolation outside the
-   prior's support), float32, marked as AI-generated when the method is generative.
+   prior's support, pasting the observed data as the method's GridBinding settings say), float32, marked as
+   AI-generated when the method is generative.
+The pipeline knows no method by name: what it needs from one, the method declares (methods/registry.py).
 """
 
 import warnings
@@ -20,10 +22,10 @@ from . import memory, native
 from .devices import resolve_device
 from .errors import InputError, ResourceError
 from .methods import get_method
-from .methods.registry import SEED
 from .physics import OperatorSpec, hr_grid
 from .priors.card import gate_shortfall, method_defaults
 from .progress import Progress
+from .settings import SEED
 from .volume import GENERATED_DESCRIPTION, Grid, Volume
 
 THICK_RATIO = 1.5  # an axis is "thick" when its spacing exceeds the finest by more than this
@@ -67,7 +69,7 @@ def check_grid_fits(op, device) -> None:
 
     A floor for every method: the operator's per-axis matrices (float64 and float32, the operator and an
     interpolator) and a few float32 copies of the HR volume. Methods with a prior add their own estimate
-    (priors/budget.py) when they start.
+    (methods/inversesr/budget.py) when they start.
     """
     hr = 1
     for n in op.hr_shape:
@@ -105,8 +107,8 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
     m = get_method(method)
     progress = progress or Progress()
     native.check_mode(registration)
-    grid_bound = m.needs_prior == "ldm" and getattr(prior, "kind", None) == "ldm"
-    if m.needs_prior != "ldm" and registration in ("rigid", "affine"):
+    grid_bound = m.grid is not None and getattr(prior, "kind", None) == m.needs_prior
+    if m.grid is None and registration in ("rigid", "affine"):
         progress.warning("Method %s is not bound to a prior's grid: it runs on the input's grid, no registration."
                          % m.name)
     spec = spec or infer_degradation(lr.grid)
@@ -135,8 +137,8 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
     y = y.to(result.x.device)  # a solver may have fallen back to the CPU
     x, extras = result.x.detach().to(y.dtype), {k: v.detach().to(y.dtype) for k, v in result.extras.items()}
     if place is not None:
-        x, extras = place.back(x, extras, op, y, resolved.get("paste_observed", False),
-                               resolved.get("paste_spread", "none"))
+        paste, spread = m.grid.paste_from(resolved)
+        x, extras = place.back(x, extras, op, y, paste, spread)
     desc = GENERATED_DESCRIPTION if m.generative else "MRISuperRes %s" % m.name
 
     def wrap(t):

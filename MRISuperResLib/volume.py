@@ -1,4 +1,5 @@
-"""Volumes and their geometry, read and written through SimpleITK.
+"""Volumes and their geometry, read and written through SimpleITK; and the one atomic writer every other file
+(cards, weights, checkpoints, tables, figures) goes through, with the volumes' own temporary files.
 
 Axis convention: arrays are indexed ``[i, j, k]`` in ITK/SimpleITK index order (the
 transpose of ``sitk.GetArrayFromImage``). ``direction`` is a 3x3 matrix whose column ``a``
@@ -451,6 +452,35 @@ class OutputSet:
     def __exit__(self, *exc):
         self.discard()  # nothing left after a commit; on an error, what was staged goes
         return False
+
+
+def atomic_write(path, write, suffix: str = "") -> str:
+    """Any other file, all or nothing: `write(tmp)` fills a temporary file beside `path`, which then replaces it.
+
+    The same temporary files as the volumes', so a killed run's leftovers are removed the same way; `suffix` keeps
+    the ending for writers that choose their format by it (e.g. ".png"). Permissions as for a plain new file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    clean_stale_partials(folder)
+    tmp = _new_partial(folder, suffix)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+        _ACTIVE.discard(tmp)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> str:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
 
 
 def write_volume(vol: Volume, path, description=None, pixel_type: str = "float32") -> str:

@@ -124,6 +124,27 @@ def methodByName(methods: Optional[List[dict]], name: str) -> Optional[dict]:
     return None
 
 
+NOT_RECOMMENDED_SUFFIX = " (needs the published prior)"
+
+
+def defaultPriorWarning(method: Optional[dict], model: str, device: str, devices: List[dict]) -> str:
+    """The default prior's quality-gate warning for `method` on the device the run would use; "" when none or
+    when the user chose a prior of their own."""
+    if not method or model != DEFAULT_MODEL:
+        return ""
+    per_device = method.get("belowBaselineWithDefaultPrior") or {}
+    gpu = device.startswith("cuda") or (device == "auto" and any(d.get("name", "").startswith("cuda")
+                                                                for d in devices))
+    return per_device.get("cuda" if gpu else "cpu") or ""
+
+
+def methodTitle(method: dict) -> str:
+    """The method's title in the list; marked when its default prior scored below plain interpolation."""
+    title = method.get("title") or method["name"]
+    below = method.get("belowBaselineWithDefaultPrior") or {}
+    return title + NOT_RECOMMENDED_SUFFIX if below.get("cpu") else title
+
+
 def settingLabel(name: str) -> str:
     """The panel's label of a library setting name: num_samples -> Num samples."""
     return LABELS.get(name, name.replace("_", " ").capitalize())
@@ -258,12 +279,16 @@ def present(state: PanelState) -> PanelView:
     if state.methods is None:
         problems.append(state.workerError or "Asking the worker for its methods...")
     else:
-        view.methodItems = [(m["name"], m.get("title") or m["name"]) for m in state.methods]
+        view.methodItems = [(m["name"], methodTitle(m)) for m in state.methods]
     method = methodByName(state.methods, state.method)
     if state.methods is not None and method is None:
         problems.append("Choose a method.")
     if method is not None:
         view.methodDescription = method.get("description", "")
+        warning = defaultPriorWarning(method, state.model, state.device, state.devices)
+        if warning:
+            view.methodDescription += ("\n\nNot recommended with the default prior. %s Import the published prior "
+                                       "(Import model...) for this method, or choose another." % warning)
         view.settingSpecs = settingSpecs(method, state.settingValues)
         problems.extend(settingProblems(method, state.settingValues))
         kind = method.get("needsPrior")

@@ -62,6 +62,23 @@ def mni152_case(quick=False) -> Case:
     return Case("mni152" + ("-crop" if quick else ""), "in-distribution", load)
 
 
+# A typical 1 mm clinical volume (the ICBM/MNI 1 mm box is 181 x 217 x 181), with k cut to 180 so that 4 and 5 mm
+# slices tile it: the bench scores against the truth on the grid the operator returns.
+WHOLE_BRAIN_SHAPE = (181, 217, 180)
+
+
+def whole_brain_case() -> Case:
+    """The MNI152 template cut to a whole 1 mm brain of 181 x 217 x 180 voxels: about the size the time targets name."""
+    def load():
+        from ..demo import mni152_example
+
+        vol = _crop(mni152_example(), 1, WHOLE_BRAIN_SHAPE)
+        vol.description = "MNI152 template, 181 x 217 x 180 (whole-brain size), in-distribution"
+        return vol
+
+    return Case("mni152-181", "in-distribution", load)
+
+
 def synthetic_cases(n: int) -> List[Case]:
     """Held-out synthetic heads (seeds the training never draws), on the default priors' own 1 mm grid."""
     from ..training import synth
@@ -101,7 +118,8 @@ def folder_cases(folder: str) -> List[Case]:
 
 
 def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:
-    """`names`: None for the default set, else a list of 'mni152', 'synthetic', 'contrasts', or folder paths."""
+    """`names`: None for the default set, else a list of 'mni152', 'mni152-181' (whole-brain size), 'synthetic',
+    'contrasts', or folder paths."""
     if quick:
         return [mni152_case(quick=True)]
     if not names:
@@ -110,6 +128,8 @@ def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:
     for n in names:
         if n == "mni152":
             out.append(mni152_case())
+        elif n == "mni152-181":
+            out.append(whole_brain_case())
         elif n == "synthetic":
             out.extend(synthetic_cases(synthetic))
         elif n == "contrasts":

@@ -14,7 +14,8 @@ def add_parser(sub):
                    help="One small case, reduced settings (iterations/steps), every method: minutes on 2 cores.")
     p.add_argument("--methods", nargs="+", default=None, help="Default: all (baselines are always included).")
     p.add_argument("--cases", nargs="+", default=None,
-                   help="mni152, synthetic (held-out synthetic brains), contrasts (held-out brains in T2-, FLAIR- and "
+                   help="mni152, mni152-181 (the template at about the whole-brain size, 181 x 217 x 180, for the time targets), "
+                        "synthetic (held-out synthetic brains), contrasts (held-out brains in T2-, FLAIR- and "
                         "PD-like contrasts) and/or folders of HR volumes.")
     p.add_argument("--degradations", nargs="+", default=None, choices=sorted(DEGRADATIONS))
     p.add_argument("--synthetic", type=int, default=2, help="Number of held-out synthetic brains.")
@@ -41,10 +42,17 @@ def add_parser(sub):
     p.set_defaults(handler=handle)
 
 
-GATE = {"inversesr-decoder": ["slice-removal-4mm", "slice-removal-8mm"],
-        "inversesr-ldm": ["slice-removal-4mm", "slice-removal-8mm"],
-        "paired-ddpm": ["slice-removal-4mm", "thick-slice-5mm", "slice-removal-8mm"],
-        "kspace-vdm": ["kspace-4x"]}
+def gate_plan() -> dict:
+    """method -> the degradations the quality gate measures it on, as each method declares (register(gate=...))."""
+    from ..methods import available
+
+    plan = {m.name: list(m.gate) for m in available() if m.gate}
+    unknown = sorted({d for degs in plan.values() for d in degs} - set(DEGRADATIONS))
+    if unknown:
+        raise ValueError("methods declare gate degradations the benchmark does not know: %s" % ", ".join(unknown))
+    return plan
+
+
 # masked PSNR over the baseline where a target applies: 8 mm (high sparsity), the clinical 5 mm, 4x k-space
 GATE_TARGET_DB = {"slice-removal-8mm": 1.0, "thick-slice-5mm": 2.0, "kspace-4x": 1.0}
 
@@ -61,7 +69,8 @@ def handle(args):
     degs = args.degradations or (["slice-removal-4mm", "slice-removal-8mm", "kspace-4x"] if args.quick else
                                  ["slice-removal-4mm", "thick-slice-5mm", "slice-removal-8mm", "kspace-4x"] if args.gate
                                  else sorted(DEGRADATIONS))
-    methods = args.methods or (sorted(GATE) if args.gate else None)
+    gate = gate_plan() if args.gate else None
+    methods = args.methods or (sorted(gate) if args.gate else None)
     cs = cases.resolve_cases(args.cases, quick=args.quick, synthetic=args.synthetic)
     if not cs:
         raise InputError("No benchmark cases.", "Give --cases mni152, synthetic or a folder of HR volumes.")
@@ -76,14 +85,14 @@ def handle(args):
     t0 = time.time()
     rows, figures = runner.run(cs, degs, methods, dev, args.quick,
                                log=lambda m: sys.stderr.write(m + "\n"), load_prior=load_prior,
-                               only=GATE if args.gate else None)
+                               only=gate)
     meta = {"machine": runner.machine_description(dev), "device": dev, "quick": args.quick,
             "command": "python -m MRISuperResLib " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
             else "python -m MRISuperResLib bench ...", "wall_seconds": round(time.time() - t0, 1),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     paths = report.write_all(args.out, rows, figures, meta)
     if args.update_cards:
-        for folder in report.update_cards(rows, meta, GATE, GATE_TARGET_DB):
+        for folder in report.update_cards(rows, meta, gate or gate_plan(), GATE_TARGET_DB):
             sys.stderr.write("quality gate written into %s\n" % folder)
     print(report.markdown_table([r.to_json() for r in rows]))
     print("wrote %s, %s, %s and %d figures in %s (%.0f s)" % (paths["json"], paths["csv"], paths["md"],
@@ -96,7 +105,7 @@ def _speedups(args, dev):
     import json
     import os
 
-    from ..training.trainer import atomic_write_text
+    from ..volume import atomic_write_text
     from . import speedups
     from .runner import machine_description
 
@@ -119,7 +128,8 @@ def _profile(args, dev):
     import json
     import os
 
-    from ..priors import profile
+    from ..volume import atomic_write_text
+    from . import profile
 
     common = {}
     for item in args.profile_set:
@@ -137,8 +147,7 @@ def _profile(args, dev):
             except UserError as exc:  # e.g. refused by the memory estimate: report it, it is the finding
                 rows.append({"method": method, "device": dev, "settings": settings, "error": str(exc)})
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "profile.json"), "w") as fh:
-        json.dump(rows, fh, indent=1, default=str)
+    atomic_write_text(os.path.join(args.out, "profile.json"), json.dumps(rows, indent=1, default=str))
     print(profile_table(rows))
     return 0
 

@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from ..volume import atomic_write, atomic_write_text
+
 COLUMNS = ["method", "case", "degradation", "psnr", "psnr_masked", "ssim", "ssim_slices", "seconds",
            "peak_ram_mb", "peak_gpu_mb", "device", "baseline", "delta_psnr_masked_db", "time_ratio", "label", "error"]
 
@@ -16,6 +18,15 @@ def _fmt(v, nd=2):
     if isinstance(v, float):
         return ("%." + str(nd) + "f") % v
     return str(v)
+
+
+def _seconds(r) -> str:
+    """The run's seconds, with its phases where it had more than one (e.g. adaptation, then sampling)."""
+    phases = {k: v for k, v in (r.get("phase_seconds") or {}).items() if v}
+    text = _fmt(r["seconds"], 1)
+    if len(phases) > 1:
+        text += " (%s)" % ", ".join("%s %.0f" % (k, v) for k, v in phases.items())
+    return text
 
 
 def markdown_table(rows, header="") -> str:
@@ -30,7 +41,7 @@ def markdown_table(rows, header="") -> str:
             continue
         lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["method"], r["case"], r["degradation"], _fmt(r["psnr"]), _fmt(r["psnr_masked"]),
-            _fmt(r["delta_psnr_masked_db"]), _fmt(r["ssim"], 4), _fmt(r["ssim_slices"], 4), _fmt(r["seconds"], 1),
+            _fmt(r["delta_psnr_masked_db"]), _fmt(r["ssim"], 4), _fmt(r["ssim_slices"], 4), _seconds(r),
             _fmt(r["time_ratio"], 1), _fmt(r["peak_ram_mb"], 0), _fmt(r["peak_gpu_mb"], 0), r["device"]))
     return "\n".join(lines) + "\n"
 
@@ -41,15 +52,17 @@ def write_all(out_dir, rows, figures, meta) -> dict:
     paths = {k: os.path.join(out_dir, v) for k, v in
              dict(json="results.json", csv="results.csv", md="results.md", plot="psnr_masked.png").items()}
     _atomic_json(paths["json"], data)
-    tmp = paths["csv"] + ".partial"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in data:
-            w.writerow(r)
-    os.replace(tmp, paths["csv"])
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in data:
+                w.writerow(r)
+
+    atomic_write(paths["csv"], write_csv)
     header = "Benchmark on %s. Command: `%s`.\n" % (meta["machine"], meta["command"])
-    _atomic_text(paths["md"], markdown_table(data, header))
+    atomic_write_text(paths["md"], markdown_table(data, header))
     _atomic_json(os.path.join(out_dir, "meta.json"), meta)
     psnr_plot(paths["plot"], data)
     for case, degs in figures.items():
@@ -97,16 +110,13 @@ def prune_runs(gate: dict) -> dict:
 
 def update_cards(rows, meta, gate, target_db):
     """Write the gate into each measured prior's model.json and README.md (weights and checksums untouched)."""
-    from ..priors.modelcard import README_FILE, render_model_card
+    from ..priors.folder import read_card, write_card
     from ..priors.store import find_prior
-    from ..training.trainer import atomic_write_text
 
     done = []
     for prior, items in gate_summary(rows, gate, target_db).items():
         folder = find_prior(prior)
-        path = os.path.join(folder, "model.json")
-        with open(path) as fh:
-            card = json.load(fh)
+        card = read_card(folder)
         # Gate runs add up (e.g. one per case, or a CPU and a GPU run): a row replaces the earlier one of the same
         # method, case, degradation and device kind, and each row names the run it came from.
         old = card.get("quality_gate") or {}
@@ -121,8 +131,7 @@ def update_cards(rows, meta, gate, target_db):
         kept = [i for i in old.get("rows", []) if key(i) not in fresh]
         card["quality_gate"] = prune_runs({"target": "masked PSNR >= baseline + " + ", ".join(
             "%g dB at %s" % (db, deg) for deg, db in target_db.items()), "runs": runs, "rows": kept + items})
-        atomic_write_text(path, json.dumps(card, indent=1) + "\n")
-        atomic_write_text(os.path.join(folder, README_FILE), render_model_card(card))
+        write_card(folder, card, readme=True)
         done.append(folder)
     return done
 
@@ -188,18 +197,11 @@ def case_figure(path, views, rows):
 def _save(fig, path, dpi=80):
     import matplotlib.pyplot as plt
 
-    tmp = path + ".partial.png"
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi), ".png")
+    finally:
+        plt.close(fig)
 
 
 def _atomic_json(path, obj):
-    _atomic_text(path, json.dumps(obj, indent=1, default=float))
-
-
-def _atomic_text(path, text):
-    tmp = path + ".partial"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=float))

@@ -44,6 +44,7 @@ class Row:
     delta_psnr_masked_db: Optional[float] = None
     time_ratio: Optional[float] = None
     settings: Dict = field(default_factory=dict)
+    phase_seconds: Dict = field(default_factory=dict)  # e.g. {"adaptation": 90.1, "sampling": 300.2}
     prior: Optional[str] = None
     error: Optional[str] = None
 
@@ -152,7 +153,12 @@ def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]]
                         row.peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                     row.device = out.info.get("device", device)
                     row.prior = out.info.get("prior") or (prior.name if prior is not None else None)
+                    row.phase_seconds = dict(out.info.get("phase_seconds") or {})
                     x = out.volume.array
+                    if x.shape != hr.array.shape:
+                        raise UserError("the output grid %s is not the case's %s: the case's size along the degraded "
+                                        "axis is not a multiple of the factor (mni152-181 takes 4 and 5 mm and k-space)"
+                                        % ("x".join(map(str, x.shape)), "x".join(map(str, hr.array.shape))))
                     row.psnr = psnr(hr.array, x, dr)
                     row.psnr_masked = psnr(hr.array, x, dr, mask)
                     row.ssim = ssim(hr.array, x, dr)

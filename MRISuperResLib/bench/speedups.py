@@ -16,13 +16,14 @@ import time
 from typing import Dict, List, Optional
 
 from ..allocator import OPT_OUT
-from ..priors.networks import ATTENTION_ENV
+from ..priors.folder import ATTENTION_ENV, LAYOUT_ENV
 
-CONFIGS = [  # (name, fused attention, freed heap kept)
-    ("plain", False, False),
-    ("fused attention", True, False),
-    ("kept heap", False, True),
-    ("both (default)", True, True),
+CONFIGS = [  # (name, fused attention, freed heap kept, channels-last layout on the CPU)
+    ("plain", False, False, False),
+    ("fused attention", True, False, False),
+    ("kept heap", False, True, False),
+    ("channels last", False, False, True),
+    ("all (default)", True, True, True),
 ]
 
 _CHILD = "from MRISuperResLib.bench.speedups import child; child(%r)"
@@ -67,20 +68,23 @@ def run(out_dir: str, device: str = "cpu", samples: int = 2, shape=(96, 112, 96)
 
     os.makedirs(out_dir, exist_ok=True)
     rows, first = [], None
-    for name, fused, kept in configs or CONFIGS:
+    for config in configs or CONFIGS:
+        name, fused, kept = config[:3]
+        channels_last = bool(config[3]) if len(config) > 3 else False
         if log:
             log("speedups: %s" % name)
         array = os.path.join(out_dir, "speedups-%d.npy" % len(rows))
         env = dict(os.environ)
         env[ATTENTION_ENV] = "fused" if fused else "explicit"
         env[OPT_OUT] = "1" if kept else "0"
+        env[LAYOUT_ENV] = "channels-last" if channels_last else "contiguous"
         spec = {"kept": kept, "device": device, "samples": samples, "shape": list(shape), "array": array}
         done = subprocess.run([sys.executable, "-c", _CHILD % json.dumps(spec)], env=env, capture_output=True,
                               text=True)
         if done.returncode != 0:
             raise RuntimeError("speedups: the %r run failed:\n%s" % (name, done.stderr[-3000:]))
         row = dict(json.loads(done.stdout.strip().splitlines()[-1]), config=name, fused_attention=fused,
-                   kept_heap=kept, device=device)
+                   kept_heap=kept, channels_last=channels_last, device=device)
         out = np.load(array)
         os.remove(array)
         if first is None:
@@ -93,11 +97,15 @@ def run(out_dir: str, device: str = "cpu", samples: int = 2, shape=(96, 112, 96)
 
 
 def markdown(rows: List[Dict]) -> str:
-    lines = ["| configuration | fused attention | kept heap | seconds | x plain time | peak RAM MB | peak GPU MB "
-             "| max abs diff vs plain (of range) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | fused attention | kept heap | channels last | seconds | x plain time | peak RAM MB "
+             "| peak GPU MB | max abs diff vs plain (of range) |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def yes(flag):
+        return "yes" if flag else "no"
+
     for r in rows:
-        lines.append("| %s | %s | %s | %.1f | %.2f | %.0f | %s | %.2g (%.3g) |" % (
-            r["config"], "yes" if r["fused_attention"] else "no", "yes" if r["kept_heap"] else "no", r["seconds"],
+        lines.append("| %s | %s | %s | %s | %.1f | %.2f | %.0f | %s | %.2g (%.3g) |" % (
+            r["config"], yes(r["fused_attention"]), yes(r["kept_heap"]), yes(r.get("channels_last")), r["seconds"],
             r["x_plain_time"], r["peak_ram_mb"], "-" if r["peak_gpu_mb"] is None else "%.0f" % r["peak_gpu_mb"],
             r["max_abs_diff_vs_plain"], r["output_range"]))
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """Pixel-space diffusion priors: the VDM of k-space guided sampling and the paired conditional DDPM.
 
-vdm.py        learnable monotone gamma(t), VDM loss, Fourier features, ancestral step
-cosine.py     cosine schedule, DDIM step with eta, the paired model's loss and conditioning
-patches.py    sliding window with overlap blending (patch-wise networks on whole volumes)
-intensity.py  robust [0, 1] normalisation of a measurement and back
-cards.py      model cards of kinds "vdm" and "paired", writing a prior folder
+vdm.py           learnable monotone gamma(t), VDM loss, Fourier features, ancestral step
+cosine.py        the cosine noise schedule and the paired sampler's DDIM chain on it (the step: priors/ddim.py)
+paired_model.py  the paired model: conditioning on the operator, network call, loss
+patches.py       sliding window with overlap blending (patch-wise networks on whole volumes)
+adapt.py         fine-tuning a paired model on the scan's own in-plane detail
+cards.py         model cards of kinds "vdm" and "paired" (written through priors/folder.py)
+The intensity map of both samplers is MRISuperResLib/intensity.py.
 """

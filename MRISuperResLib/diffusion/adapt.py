@@ -13,7 +13,7 @@ A_b the run's operator (kind, factor, profile) acting along b.
    up = B-spline(A_b hr) along b; the centre patch of both (the margin keeps borders like the inside)
 2. turn the pair so that b lies where the prior learnt its degraded axis (k); flip each axis and swap the other two
    at random (augmentation)
-3. Adam on a copy of the UNet, the paired loss at the sampling chain's own timesteps (diffusion/cosine.py), the
+3. Adam on a copy of the UNet, the paired loss at the sampling chain's own timesteps (diffusion/paired_model.py), the
    learning rate decaying to zero on a half cosine over the budget
 4. stop after `steps` steps or `seconds`, whichever comes first
 """
@@ -28,7 +28,7 @@ import torch
 
 from ..errors import InputError
 from ..physics import OperatorSpec
-from .cosine import PairedModel, condition_vector, paired_loss
+from .paired_model import PairedModel, condition_vector, paired_loss
 
 SELF_PAIR_KINDS = ("slice-removal", "thick-slice")
 # The in-plane pairs teach the mapping from f x s to s (s the in-plane spacing); the run needs the mapping from

@@ -7,13 +7,14 @@ Kind "paired": networks {"unet": 3D DiffusionModelUNet}; "schedule": cosine; "pa
 "operators": [operator descriptions it was trained on], "condition_names"}.
 """
 
-import json
-import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .cosine import CONDITION_NAMES, DEFAULT_SCHEDULE
+from ..priors.card import fresh_method_defaults
+from ..priors.folder import write_prior as write_networks_and_card
+from .cosine import DEFAULT_SCHEDULE
+from .paired_model import CONDITION_NAMES
 
 LICENCE = "Apache-2.0"
 INTENDED_USE = "Research only; not for clinical use. Outputs are AI-generated."
@@ -23,7 +24,7 @@ def vdm_card(name: str, gamma_table: Sequence[float], exponents: Sequence[int], 
              **fields) -> dict:
     card = _base(name, "vdm", grid_shape, fields)
     card["vdm"] = {"gamma_table": [float(v) for v in gamma_table], "fourier_exponents": [int(e) for e in exponents]}
-    card.setdefault("method_defaults", {"kspace-vdm": {"cpu": {"steps": 25}, "cuda": {"steps": 250}}})
+    card.setdefault("method_defaults", fresh_method_defaults("vdm"))
     return card
 
 
@@ -33,7 +34,7 @@ def paired_card(name: str, patch: Sequence[int], residual_scale: float, operator
     card["schedule"] = dict(DEFAULT_SCHEDULE)
     card["paired"] = {"patch": [int(p) for p in patch], "residual_scale": float(residual_scale),
                       "operators": [dict(o) for o in operators], "condition_names": list(CONDITION_NAMES)}
-    card.setdefault("method_defaults", {"paired-ddpm": {"cpu": {"steps": 10}, "cuda": {"steps": 50}}})
+    card.setdefault("method_defaults", fresh_method_defaults("paired"))
     return card
 
 
@@ -51,16 +52,7 @@ def _base(name, kind, grid_shape, fields) -> dict:
 def write_prior(folder: str, card: dict, networks: Dict[str, Tuple[torch.nn.Module, dict]],
                 classes: Optional[Dict[str, str]] = None) -> dict:
     """Write `networks` {role: (module, kwargs)} as safetensors with checksums, and the card; returns the card."""
-    from ..priors.networks import save_safetensors
-    from ..training.trainer import atomic_write_text
-
-    os.makedirs(folder, exist_ok=True)
     card = dict(card)
-    card["networks"] = {}
-    for role, (module, kwargs) in networks.items():
-        fname = role + ".safetensors"
-        digest = save_safetensors(module, os.path.join(folder, fname))
-        card["networks"][role] = {"class": (classes or {}).get(role, "DiffusionModelUNet"), "kwargs": dict(kwargs),
-                                  "weights": fname, "sha256": digest}
-    atomic_write_text(os.path.join(folder, "model.json"), json.dumps(card, indent=1) + "\n")
-    return card
+    card["networks"] = {role: {"class": (classes or {}).get(role, "DiffusionModelUNet"), "kwargs": dict(kwargs)}
+                        for role, (_, kwargs) in networks.items()}
+    return write_networks_and_card(folder, card, {role: module for role, (module, _) in networks.items()})

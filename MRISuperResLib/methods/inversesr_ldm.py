@@ -1,7 +1,7 @@
 """InverseSR(LDM) (Wang et al., MICCAI 2023): optimise the initial noise z_T and the conditioning c through
 the deterministic DDIM chain and the decoder.
 
-Suited to high sparsity (e.g. 8 mm slices). Notation and steps: see priors/inversion.py and priors/ddim.py.
+Suited to high sparsity (e.g. 8 mm slices). Notation and steps: see inversesr/solver.py and priors/ddim.py.
 1. z_T ~ N(0, I) (or, with init=invert, the DDIM inversion of the encoded interpolated input; with init=noise,
    that encoding noised to the chain's first timestep); c = the card's default conditioning (0.5 each for the
    published prior)
@@ -13,11 +13,11 @@ With ddim_steps = 46 the chain is the paper's t = 991, 969, ..., 1.
 The pipeline hands it the operator in the prior's space (native.py): registered unless the input lies on its grid.
 """
 
-from ..priors import inversion
 from ..priors.acceleration import MODES
-from .registry import Setting, register
+from .inversesr import solver
+from .registry import GridBinding, Setting, register
 
-SETTINGS = inversion.common_settings(iterations=200, lr=0.07) + [
+SETTINGS = solver.common_settings(iterations=200, lr=0.07) + [
     Setting("ddim_steps", "int", 46, "Steps of the deterministic DDIM chain (46: the paper's 991, 969, ..., 1).",
             min=1, max=1000),
     Setting("strength", "float", 1.0, "How far up the noise schedule the chain starts: 1 the whole chain from "
@@ -37,6 +37,7 @@ SETTINGS = inversion.common_settings(iterations=200, lr=0.07) + [
 
 @register("inversesr-ldm", "InverseSR (LDM)",
           "Fits the initial noise and conditioning of a latent diffusion prior through its DDIM chain "
-          "(InverseSR, high sparsity).", settings=SETTINGS, generative=True, needs_prior="ldm")
+          "(InverseSR, high sparsity).", settings=SETTINGS, generative=True, needs_prior="ldm",
+          grid=GridBinding(paste="paste_observed", spread="paste_spread"), gate=("slice-removal-4mm", "slice-removal-8mm"))
 def solve(y, physics, prior, settings, progress, generator):
-    return inversion.run("inversesr-ldm", y, physics, prior, settings, progress, generator)
+    return solver.run("inversesr-ldm", y, physics, prior, settings, progress, generator, chain=True)

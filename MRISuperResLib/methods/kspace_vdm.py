@@ -35,9 +35,9 @@ import math
 
 import torch
 
-from ..diffusion.intensity import robust_scale
 from ..diffusion.vdm import VDM, alpha2, ancestral_step, sigma2
 from ..errors import InputError
+from ..intensity import robust_scale
 from .registry import SEED, Setting, SolveResult, register
 
 SETTINGS = [
@@ -93,7 +93,7 @@ def predict_eps(model: VDM, z, g: float, ends, axis: int, batch: int):
 @register("kspace-vdm", "k-space guided VDM",
           "Variational diffusion prior over slices, sampled with the measured central k-space mixed in at every "
           "step (k-space truncation).", settings=SETTINGS, generative=True, needs_prior="vdm",
-          operators=("kspace",))
+          operators=("kspace",), gate=("kspace-4x",))
 def solve(y, physics, prior, settings, progress, generator):
     if prior is None:
         raise InputError("kspace-vdm needs a VDM prior.", "Give --model NAME|PATH of a prior made by `train vdm`.")
@@ -111,7 +111,7 @@ def solve(y, physics, prior, settings, progress, generator):
 
     hr = (n_samples,) + tuple(physics.hr_shape)
     with torch.no_grad():  # sampling only: nothing here is differentiated
-        yn = scale.to_unit(y.to(dtype))
+        yn = scale.to_prior(y.to(dtype))
         net_dev = next(model.unet.parameters()).device
         ends = model.ends(net_dev)
         gammas = model.gamma(torch.linspace(0, 1, steps + 1, device=net_dev)).double().tolist()
@@ -128,7 +128,7 @@ def solve(y, physics, prior, settings, progress, generator):
         x = z / math.sqrt(alpha2(gammas[0]))
         if settings["project"]:
             x = physics.data_consistency(x, yn)
-        out = scale.from_unit(x)
+        out = scale.to_input(x)
         extras = {}
         if n_samples > 1:
             extras["uncertainty"] = out.std(0)

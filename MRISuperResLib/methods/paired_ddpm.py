@@ -2,7 +2,8 @@
 patch by patch (sliding window with overlap blending), conditioned on the B-spline upsampled input.
 
 Notation: y the LR input, up = B-spline (cubic) upsampling of y onto the HR grid, cond the operator (kind,
-profile, factor per axis), x0 the residual (x - up) / residual_scale, ab the cosine bar-alpha (diffusion/cosine.py).
+profile, factor per axis), x0 the residual (x - up) / residual_scale, ab the cosine bar-alpha (diffusion/cosine.py),
+the model diffusion/paired_model.py, the DDIM step priors/ddim.py.
 
 1. scale y to [-1, 1] (robust percentiles); up = cubic B-spline of y on the HR grid; cond from the operator
    with `adapt`: fine-tune a copy of the UNet on pairs made from the scan's own in-plane detail (diffusion/adapt.py)
@@ -17,13 +18,17 @@ and one noise draw, and overlapping patches never disagree about z.
 Its prior works on patches, not on one grid: it runs on the input's own HR grid, with no registration (native.py).
 """
 
+import time
+
 import torch
 
 from ..diffusion.adapt import ScanPairs, adapt, why_not_adaptable
-from ..diffusion.cosine import PairedModel, condition_of, ddim_step, sampling_pairs
-from ..diffusion.intensity import robust_scale
+from ..diffusion.cosine import sampling_pairs
+from ..diffusion.paired_model import PairedModel, condition_of
 from ..diffusion.patches import sliding_window
 from ..errors import InputError, ResourceError
+from ..intensity import robust_scale
+from ..priors.ddim import ddim_step
 from .registry import SEED, Setting, SolveResult, register
 
 AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
@@ -141,11 +146,11 @@ def _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress,
         # sees; the model's own one-pass estimate is sharp along every axis, so its pairs look like the input
         first = solve(y, physics, prior, dict(settings, adapt="off", samples=1, mean_start=True, steps=1,
                                               project=False), progress.sub(0.0, 0.1 * ADAPT_SHARE), generator)
-        volume = scale.to_unit(first.x.to(dtype))
+        volume = scale.to_prior(first.x.to(dtype))
         phase = progress.sub(0.1 * ADAPT_SHARE, ADAPT_SHARE)
     else:
         with torch.no_grad():
-            volume = physics.upsample(scale.to_unit(y.to(dtype)), "cubic")
+            volume = physics.upsample(scale.to_prior(y.to(dtype)), "cubic")
     source = ScanPairs(volume, physics, model.patch, floor=AIR_LEVEL)
     model, record = adapt(model, source, [t for t, _, _ in pairs], generator, int(settings["adapt_steps"]),
                           float(settings["adapt_seconds"]), float(settings["adapt_lr"]), int(settings["adapt_batch"]),
@@ -155,7 +160,8 @@ def _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress,
 
 @register("paired-ddpm", "Paired conditional DDPM",
           "Conditional diffusion model trained on LR/HR pairs of the run's degradation, sampled with DDIM over "
-          "overlapping 3D patches.", settings=SETTINGS, generative=True, needs_prior="paired")
+          "overlapping 3D patches.", settings=SETTINGS, generative=True, needs_prior="paired",
+          gate=("slice-removal-4mm", "thick-slice-5mm", "slice-removal-8mm"))
 def solve(y, physics, prior, settings, progress, generator):
     if prior is None:
         raise InputError("paired-ddpm needs a paired prior.", "Give --model NAME|PATH of a prior made by `train paired`.")
@@ -172,7 +178,9 @@ def solve(y, physics, prior, settings, progress, generator):
     dev, dtype = y.device, torch.float32
     net_dev = next(model.unet.parameters()).device
     pairs = sampling_pairs(steps, model.alpha_bar)
+    started = time.perf_counter()
     model, adapted, progress = _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress, generator)
+    adapted_at = time.perf_counter()
     turn = _turn_to_trained_axis(prior, physics)
     cond = condition_of(physics)
     if turn is not None:
@@ -184,7 +192,7 @@ def solve(y, physics, prior, settings, progress, generator):
         return torch.randn(shape, generator=generator).to(dev, dtype)
 
     with torch.no_grad():  # sampling only: nothing here is differentiated
-        yn = scale.to_unit(y.to(dtype))
+        yn = scale.to_prior(y.to(dtype))
         up = physics.upsample(yn, "cubic")[None, None].expand(hr)
         # Why zero: at t = T the chain's input holds no signal, and the network's answer at the noise's mean
         # came within 0.1 dB (PSNR) of the average of 12 random starts on the held-out gate head at 8 mm, at 1/12
@@ -218,11 +226,13 @@ def solve(y, physics, prior, settings, progress, generator):
         x = (up + model.residual_scale * z)[:, 0]
         if settings["project"]:
             x = physics.data_consistency(x, yn)
-        out = scale.from_unit(x)
+        out = scale.to_input(x)
         extras = {}
         if n_samples > 1:
             extras["uncertainty"] = out.std(0)
     info = {"samples": n_samples, "patch": list(patch), "batch": batch, "axis_turned_to_k": turn,
             "intensity_scale": [scale.lo, scale.hi],
-            "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4), "adapted": adapted}
+            "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4), "adapted": adapted,
+            "phase_seconds": {"adaptation": round(adapted_at - started, 2),
+                              "sampling": round(time.perf_counter() - adapted_at, 2)}}
     return SolveResult(out.mean(0), extras, info)

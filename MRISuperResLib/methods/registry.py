@@ -1,4 +1,4 @@
-"""Method registry and settings schema.
+"""Method registry: what each method is, and what it declares about itself.
 
 A method is a solver function
 
@@ -7,89 +7,39 @@ A method is a solver function
 y: LR measurement, torch tensor (m_i, m_j, m_k) in the input's intensity units; physics: a bound
 `Operator`; prior: a loaded prior or None; settings: validated dict; progress: a `Progress`;
 generator: a seeded torch.Generator. It returns the HR estimate on the operator's HR grid.
-Registering it with `register(...)` makes it visible to the CLI, the benchmark and the Slicer panel.
+Registering it with `register(...)` makes it visible to the CLI, the benchmark and the Slicer panel, and declares
+what they need to know about it, so that none of them tests a method's name:
+    needs_prior  the kind of prior it solves with ("ldm", "vdm", "paired"); None for the baselines
+    operators    the degradations it is built for
+    grid         a GridBinding when it solves on its prior's grid (the pipeline brings the input there and back);
+                 None when it runs on the input's own grid
+    gate         the benchmark degradations on which `bench --gate` measures it against its baseline
+Adding a method: docs/methods.md.
 """
 
-import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
-
-import torch
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
 from ..physics.operators import KINDS as OPERATOR_KINDS
+from ..settings import SEED, Setting, SolveResult
 
-TYPES = ("int", "float", "bool", "choice", "str")
+# Setting, SolveResult and SEED live in settings.py (every layer uses them); a method module takes them from here.
+__all__ = ["GridBinding", "Method", "SEED", "Setting", "SolveResult", "available", "get_method", "register"]
 
 
 @dataclass(frozen=True)
-class Setting:
-    name: str
-    type: str
-    default: Any
-    help: str
-    min: Optional[float] = None
-    max: Optional[float] = None
-    choices: Optional[Sequence[str]] = None
-    multiple_of: Optional[int] = None  # int settings: the value must be a multiple of this (0 included)
+class GridBinding:
+    """A method solved on its prior's grid. The pipeline registers the input to the prior's space, hands the solver
+    the operator seen from there, and blends the result back onto the input's grid (native.py), pasting the observed
+    data there when the method's bool setting `paste` is on, spread as its choice setting `spread` says
+    (Operator.data_consistency)."""
 
-    def __post_init__(self):
-        if self.type not in TYPES:
-            raise ValueError("setting %s: type must be one of %s" % (self.name, TYPES))
-        if self.type == "choice" and not self.choices:
-            raise ValueError("setting %s: a choice needs choices" % self.name)
+    paste: str
+    spread: str
 
-    def parse(self, value, method: str):
-        """Convert a CLI string (or a Python value) to this setting's type and check its range."""
-        where = "Setting '%s' of method '%s'" % (self.name, method)
-        try:
-            if self.type == "int":
-                if isinstance(value, float) and not value.is_integer():
-                    raise ValueError
-                v = int(str(value).strip()) if isinstance(value, str) else int(value)
-            elif self.type == "float":
-                v = float(value)
-                if not math.isfinite(v):
-                    raise ValueError
-            elif self.type == "bool":
-                if isinstance(value, bool):
-                    v = value
-                elif str(value).strip().lower() in ("1", "true", "yes", "on"):
-                    v = True
-                elif str(value).strip().lower() in ("0", "false", "no", "off"):
-                    v = False
-                else:
-                    raise ValueError
-            else:
-                v = str(value)
-        except (TypeError, ValueError):
-            raise InputError("%s must be of type %s, got %r." % (where, self.type, value),
-                             "Example: --set %s=%s" % (self.name, self.default)) from None
-        if self.type == "choice" and v not in self.choices:
-            raise InputError("%s must be one of %s, got %r." % (where, ", ".join(self.choices), v), "")
-        if self.min is not None and v < self.min:
-            raise InputError("%s must be >= %s, got %s." % (where, _number(self.min), v), "")
-        if self.max is not None and v > self.max:
-            raise InputError("%s must be <= %s, got %s." % (where, _number(self.max), v), "")
-        if self.multiple_of and v % self.multiple_of:
-            near = max(self.multiple_of, int(round(v / self.multiple_of)) * self.multiple_of)
-            raise InputError("%s must be a multiple of %d, got %s." % (where, self.multiple_of, v),
-                             "Example: --set %s=%d" % (self.name, near))
-        return v
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["choices"] = list(self.choices) if self.choices else None
-        return d
-
-
-@dataclass
-class SolveResult:
-    """HR estimate (tensor on the HR grid) and optional extras, e.g. {'uncertainty': tensor}."""
-
-    x: torch.Tensor
-    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
-    info: Dict[str, Any] = field(default_factory=dict)
+    def paste_from(self, settings: dict) -> Tuple[bool, str]:
+        return settings.get(self.paste, False), settings.get(self.spread, "none")
 
 
 @dataclass(frozen=True)
@@ -102,6 +52,8 @@ class Method:
     generative: bool = False
     needs_prior: Optional[str] = None  # kind of prior the method needs, e.g. "ldm"; None for baselines
     operators: Sequence[str] = OPERATOR_KINDS  # degradations the method is built for
+    grid: Optional[GridBinding] = None
+    gate: Sequence[str] = ()
 
     def setting(self, name) -> Setting:
         for s in self.settings:
@@ -127,17 +79,31 @@ class Method:
 _REGISTRY: Dict[str, Method] = {}
 
 
-def register(name, title, description, settings=(), generative=False, needs_prior=None, operators=OPERATOR_KINDS):
-    """Decorator: register `solve` under `name`."""
+def register(name, title, description, settings=(), generative=False, needs_prior=None, operators=OPERATOR_KINDS,
+             grid: Optional[GridBinding] = None, gate: Sequence[str] = ()):
+    """Decorator: register `solve` under `name`, with what it declares (module docstring)."""
 
     def deco(solve):
         if name in _REGISTRY:
             raise ValueError("method %s registered twice" % name)
-        _REGISTRY[name] = Method(name, title, description, solve, tuple(settings), generative, needs_prior,
-                                 tuple(operators))
+        method = Method(name, title, description, solve, tuple(settings), generative, needs_prior, tuple(operators),
+                        grid, tuple(gate))
+        if grid is not None:
+            _check_grid(method)
+        _REGISTRY[name] = method
         return solve
 
     return deco
+
+
+def _check_grid(m: Method):
+    if not m.needs_prior:
+        raise ValueError("method %s: only a method with a prior can be bound to the prior's grid" % m.name)
+    types = {s.name: s.type for s in m.settings}
+    for role, setting, want in (("paste", m.grid.paste, "bool"), ("spread", m.grid.spread, "choice")):
+        if types.get(setting) != want:
+            raise ValueError("method %s: its grid binding's %s names %r, which is not a %s setting of the method"
+                             % (m.name, role, setting, want))
 
 
 def available() -> List[Method]:
@@ -155,11 +121,3 @@ def get_method(name: str) -> Method:
 def _load_builtin():
     # Importing the package imports every method module, each registering itself.
     from .. import methods  # noqa: F401
-
-
-def _number(x) -> str:
-    return str(int(x)) if float(x).is_integer() else "%g" % x
-
-
-# The Slicer panel's integer fields and the synthetic-data seeds (training/synth.py) are 32-bit.
-SEED = Setting("seed", "int", 0, "Random seed (same seed, same result on the same device).", min=0, max=2 ** 31 - 1)

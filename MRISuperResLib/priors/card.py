@@ -1,4 +1,5 @@
-"""Model cards (`model.json`): reading, checking, and the names priors may have.
+"""Model cards (`model.json`): checking them, what they say, and the names priors may have (folder.py reads and
+writes them).
 
 Schema 1 (agreed with the default-prior trainers; see priors/README section in the module docs):
 {"schema": 1, "name", "kind": "ldm"|"vdm"|"paired", "title", "description",
@@ -8,7 +9,7 @@ Schema 1 (agreed with the default-prior trainers; see priors/README section in t
  "intended_use", "method_defaults": {method: {device_type: {setting: value}}}}
 """
 
-import json
+import copy
 import os
 import re
 from typing import Optional
@@ -38,22 +39,6 @@ def check_name(name: str) -> str:
                          "Use lower-case letters, digits, '.', '_' or '-' (not first or last), at most 64 characters, "
                          "e.g. --name my-prior.")
     return str(name)
-
-
-def read_card(folder: str) -> dict:
-    """The checked model card of the prior stored in `folder`."""
-    path = os.path.join(folder, CARD_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            card = json.load(f)
-    except FileNotFoundError:
-        raise InputError("No %s in %s: this folder is not a prior." % (CARD_FILE, folder),
-                         "Give a prior's folder, or import the download with `models import PATH`.") from None
-    except (OSError, ValueError) as exc:
-        raise InputError("Cannot read the model card %s (%s)." % (path, exc),
-                         "Re-import the prior with `models import`.") from None
-    check_card(card, path)
-    return card
 
 
 def check_card(card: dict, where: str = CARD_FILE) -> None:
@@ -97,6 +82,18 @@ def check_card(card: dict, where: str = CARD_FILE) -> None:
     md = card.get("method_defaults", {})
     if not isinstance(md, dict):
         bad("'method_defaults' must map method -> device type -> settings.")
+
+
+# What a newly trained prior's card recommends to the method that uses its kind, per device type: the one place
+# `train` and the card builders take them from (bench measurements may replace them in a prior's card later).
+FRESH_METHOD_DEFAULTS = {
+    "vdm": {"kspace-vdm": {"cpu": {"steps": 25}, "cuda": {"steps": 250}}},
+    "paired": {"paired-ddpm": {"cpu": {"steps": 10}, "cuda": {"steps": 50}}},
+}
+
+
+def fresh_method_defaults(kind: str) -> dict:
+    return copy.deepcopy(FRESH_METHOD_DEFAULTS.get(kind, {}))
 
 
 def method_defaults(card: dict, method: str, device_type: str) -> dict:

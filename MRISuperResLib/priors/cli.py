@@ -71,23 +71,18 @@ def handle(args, out=None) -> int:
 
 
 def _card(args, out) -> int:
-    import os
-
     from ..errors import InputError
-    from ..training.trainer import atomic_write_text  # the one atomic writer (see issue 24: it moves down)
-    from .card import read_card
-    from .modelcard import README_FILE, render_model_card
+    from .folder import read_card, write_readme
+    from .modelcard import render_model_card
     from .store import find_prior, installed
 
     if bool(args.names) == bool(args.all):
         raise InputError("Name the priors or give --all (not both).", "e.g. `models card synth-brain-paired`.")
     folders = [item["folder"] for item in installed()] if args.all else [find_prior(n) for n in args.names]
     for folder in folders:
-        text = render_model_card(read_card(folder))
+        card = read_card(folder)
         if args.print:
-            out.write(text + "\n")
+            out.write(render_model_card(card) + "\n")
             continue
-        path = os.path.join(folder, README_FILE)
-        atomic_write_text(path, text)
-        out.write(path + "\n")
+        out.write(write_readme(folder, card) + "\n")
     return 0

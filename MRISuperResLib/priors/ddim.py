@@ -1,15 +1,20 @@
-"""Noise schedules and the deterministic DDIM chain (Song et al. 2021, eta = 0), owned here.
+"""Noise schedules and the DDIM step (Song et al. 2021), owned here: every DDIM sampler steps with `ddim_step`
+over the (t, ab_t, ab_prev) pairs of `ddim_pairs`.
 
 Notation (code -> paper symbol):
     alpha_bar[t]  -> bar-alpha_t, the cumulative product of (1 - beta_s) for s <= t (t = 0 .. T-1)
-    z_t           -> x_t, the noisy latent at timestep t
+    z_t           -> x_t, the noisy latent (or image) at timestep t
     eps           -> epsilon_theta(x_t, t), the network's noise prediction
     x0_hat        -> f_theta(x_t) = (x_t - sqrt(1 - bar-alpha_t) eps) / sqrt(bar-alpha_t)   (DDIM eq. 9)
 
-One step t -> t_prev (DDIM eq. 12 with sigma_t = 0):
-    1. x0_hat = (z_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t)
-    2. z_prev = sqrt(ab_prev) * x0_hat + sqrt(1 - ab_prev) * eps
-The last step's ab_prev is alpha_bar[0] (as in InverseSR and MONAI's `set_alpha_to_one=False`), not 1.
+One step t -> t_prev (DDIM eq. 12 and 16):
+    1. x0_hat = (z_t - sqrt(1 - ab_t) eps) / sqrt(ab_t); with a clip, clipped to [-clip, clip] and eps recomputed
+       from it
+    2. s = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)   (0 for the deterministic chain)
+    3. z_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - s^2) eps + s * noise
+The last step's ab_prev is an explicit choice of the sampler (`ddim_pairs(final_alpha_bar=...)`): alpha_bar[0] for
+the InverseSR chain (as InverseSR and MONAI's `set_alpha_to_one=False`), 1 for the paired sampler (which returns
+x0_hat itself).
 
 We keep the (t, t_prev) pairs explicit because MONAI 1.6's `DDIMScheduler.set_timesteps` builds a linspace
 grid while its `step` assumes a fixed stride, so its chains differ from the ones the published work used.
@@ -24,7 +29,8 @@ import torch
 from ..errors import InputError
 
 SCHEDULES = ("scaled_linear_beta", "linear_beta", "cosine")
-PREDICTIONS = ("epsilon", "sample")  # the LDM chain here needs epsilon (inversion.check_prior); paired may use x0
+# the LDM chain needs epsilon (methods/inversesr/solver.check_prior); the paired model may predict x0
+PREDICTIONS = ("epsilon", "sample")
 
 
 @dataclass(frozen=True)
@@ -103,17 +109,36 @@ def inversesr_timesteps() -> List[int]:
     return ddim_timesteps(46, 1000, stride=22, offset=1)
 
 
-def ddim_pairs(timesteps: Sequence[int], alpha_bar: torch.Tensor) -> List[Tuple[int, float, float]]:
-    """[(t, ab_t, ab_prev)] for a descending chain; the last ab_prev is alpha_bar[0]."""
+def ddim_pairs(timesteps: Sequence[int], alpha_bar: torch.Tensor,
+               final_alpha_bar: float) -> List[Tuple[int, float, float]]:
+    """[(t, ab_t, ab_prev)] for a descending chain; `final_alpha_bar` is the last step's ab_prev (module docstring):
+    alpha_bar[0] stays on the schedule, 1.0 ends on the clean estimate."""
     out = []
     for i, t in enumerate(timesteps):
-        prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-        ab_prev = alpha_bar[0] if prev is None else alpha_bar[prev]
+        ab_prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else final_alpha_bar
         out.append((int(t), float(alpha_bar[t]), float(ab_prev)))
     return out
 
 
-def ddim_step(z_t: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float) -> torch.Tensor:
-    """One deterministic DDIM update (steps 1-2 of the module docstring)."""
+def ddim_step(z_t: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float, eta: float = 0.0, noise=None,
+              clip: Optional[float] = None) -> torch.Tensor:
+    """One DDIM update (steps 1-3 of the module docstring); deterministic with eta = 0, and differentiable.
+
+    noise: the fresh draw an eta > 0 step needs. clip: bound on |x0_hat| (the target's known range); near t = T,
+    1/sqrt(ab_t) amplifies any error of eps a hundredfold, and clipping x0_hat and recomputing eps from it (as
+    diffusers' DDIM does) keeps z in range. Run upwards (ab_t and ab_prev swapped), the same update is DDIM
+    inversion.
+    """
     x0_hat = (z_t - math.sqrt(1.0 - ab_t) * eps) / math.sqrt(ab_t)
-    return math.sqrt(ab_prev) * x0_hat + math.sqrt(1.0 - ab_prev) * eps
+    if clip is not None:
+        x0_hat = x0_hat.clamp(-clip, clip)
+        eps = (z_t - math.sqrt(ab_t) * x0_hat) / math.sqrt(1.0 - ab_t)
+    s = 0.0
+    if eta > 0 and ab_prev < 1.0:
+        s = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab_t)) * math.sqrt(max(0.0, 1.0 - ab_t / ab_prev))
+    z = math.sqrt(ab_prev) * x0_hat + math.sqrt(max(0.0, 1.0 - ab_prev - s * s)) * eps
+    if s > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs noise")
+        z = z + s * noise
+    return z

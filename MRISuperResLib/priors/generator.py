@@ -8,9 +8,9 @@ z_0 clean latent; x = D(z_0 / scale_factor) the image (1, 1, n_i, n_j, n_k) in t
    during backward, so memory is one UNet step, not N of them.
 2. x = decoder(z_0): checkpointed per segment, a segment being a decoder block or half a residual block
    (GroupNorm spans the whole volume, so tiling is not exact; recomputation is). Halving the residual blocks
-   cuts the published decoder's recompute peak from 16 GB to about 7 GB (budget.py measures it). Its GroupNorms
-   keep only their input for backward (lowmem_norm.py); with nested checkpointing, groups of segments are
-   checkpointed again (revolve.py).
+   cuts the published decoder's recompute peak from 16 GB to about 7 GB (methods/inversesr/budget.py
+   measures it). Its GroupNorms keep only their input for backward (lowmem_norm.py); with nested checkpointing,
+   groups of segments are checkpointed again (revolve.py).
 On CUDA both run under bf16 autocast (fp32 on CPU); gradients and parameters stay fp32. The UNet steps may be
 captured as CUDA graphs or compiled (acceleration.py).
 """
@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import acceleration, networks, revolve
+from . import acceleration, revolve
 from .ddim import ddim_pairs, ddim_step
+from .folder import build
 from .lowmem_norm import group_norm_silu
 
 
@@ -125,7 +126,7 @@ class LatentGenerator:
     def decoder_plan(self, z_shape):
         """The nested-checkpointing units of the decoder for latents of `z_shape` (revolve.plan, meta device)."""
         if z_shape not in self._plans:
-            ae = networks.build(self.prior.card["networks"]["autoencoder"], device="meta")
+            ae = build(self.prior.card["networks"]["autoencoder"], device="meta")
             z = torch.zeros(z_shape, device="meta", requires_grad=True)
             prof = revolve.profile(decoder_segments(ae, self.low_memory_norm), (z,), list(ae.parameters()))
             self._plans[z_shape] = revolve.plan(prof)
@@ -142,7 +143,8 @@ class LatentGenerator:
 
     # ---- diffusion ----
     def timesteps_pairs(self, timesteps: Sequence[int]):
-        return ddim_pairs(list(timesteps), self.alpha_bar)
+        # the chain's last step stays on the schedule (to alpha_bar[0]), as InverseSR's does
+        return ddim_pairs(list(timesteps), self.alpha_bar, final_alpha_bar=float(self.alpha_bar[0]))
 
     def eps(self, z_t: torch.Tensor, t: int, cond: Optional[torch.Tensor]) -> torch.Tensor:
         """The UNet's noise prediction; c goes in as channels and as cross-attention context, per the card."""

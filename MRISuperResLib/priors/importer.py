@@ -12,7 +12,6 @@ published files' md5; 4. read weights with weights_only=True, convert the old mo
 """
 
 import copy
-import json
 import os
 import shutil
 import stat
@@ -22,7 +21,8 @@ from typing import Dict, Optional, Sequence
 
 from ..errors import InputError
 from . import card as cards
-from . import networks, ukbb
+from . import folder as folders
+from . import ukbb
 from .store import models_dir
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -42,7 +42,7 @@ def import_model(paths: Sequence[str], name: Optional[str] = None, allow_unverif
     try:
         kind, found = _locate(paths, scratch)
         if kind == "card":
-            card = cards.read_card(found)
+            card = folders.read_card(found)
             card["name"] = cards.sanitise_name(name or card["name"])
             _check_free(card["name"])
             out = _stage(scratch, card["name"])
@@ -190,7 +190,7 @@ def _from_zip(path, dest):
 
 def _verify_md5(files, md5, allow_unverified):
     for role, path in files.items():
-        got = networks.file_digest(path, "md5")
+        got = folders.file_digest(path, "md5")
         if got != md5[role]:
             if allow_unverified:
                 continue
@@ -206,19 +206,14 @@ def _convert(card, src, out):
         if not os.path.isfile(path):
             raise InputError("Weight file %s for network '%s' is missing." % (path, role), "")
         if isinstance(src, str) and path.endswith(".safetensors") and spec.get("sha256"):
-            got = networks.file_digest(path)
+            got = folders.file_digest(path)
             if got != spec["sha256"]:
                 raise InputError("%s has sha256 %s, the card says %s." % (path, got, spec["sha256"]),
                                  "Re-download or re-export the prior.")
-        net = networks.build(spec, device="meta")
-        net = networks.load_weights(net, networks.read_state_dict(path), path)
-        spec["weights"] = "%s.safetensors" % role
-        spec["sha256"] = networks.save_safetensors(net, os.path.join(out, spec["weights"]))
-        del net
+        net = folders.build(spec, device="meta")
+        net = folders.load_weights(net, folders.read_state_dict(path), path)
+        folders.save_network(out, spec, role, net)
+        del net  # one network in memory at a time: the published UNet alone is 2 GB
     cards.check_card(card, "of the imported prior")
-    tmp = os.path.join(out, cards.CARD_FILE + ".part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1)
-    os.replace(tmp, os.path.join(out, cards.CARD_FILE))
-    return card
+    return folders.write_card(out, card)
 

@@ -48,7 +48,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups, eps, silu, out_dtype):
         n, c = x.shape[:2]
         voxels = x[0, 0].numel()
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        out = torch.empty_like(x, dtype=out_dtype)  # x's layout (channels-last stays channels-last)
         with torch.autocast(_device_type(x), enabled=False):
             for c0, c1, g in _chunks(c, groups, voxels, n):
                 xc = x[:, c0:c1].float()

@@ -140,6 +140,22 @@ def _defaults(card: dict) -> List[str]:
             "(`--set key=value` overrides them).", ""] + _table(["method", "device", "settings"], rows)
 
 
+def _below_baseline(card: dict) -> List[str]:
+    """Methods this prior should not be used with: its own gate had them below their baseline."""
+    from .card import gate_shortfall
+
+    notes = []
+    for m in sorted({r.get("method") for r in ((card.get("quality_gate") or {}).get("rows") or [])} - {None}):
+        for device in ("cpu", "cuda"):
+            text = gate_shortfall(card, m, device)
+            if text:
+                notes.append("- `%s` on %s: %s" % (m, device, text))
+    if not notes:
+        return []
+    return ["", "## Not recommended", "", "Offered with this prior, but not as a default: the panel marks these "
+            "methods and `run` warns.", ""] + notes
+
+
 def _met(row: dict) -> str:
     if row.get("error"):
         return "error: %s" % row["error"]
@@ -175,5 +191,5 @@ def render_model_card(card: dict) -> str:
     lines = [_NOTICE, "", "# %s" % (card.get("title") or card.get("name")), ""]
     if card.get("description"):
         lines += [card["description"], ""]
-    lines += _overview(card) + _networks(card) + _training(card) + _defaults(card) + _gate(card)
+    lines += _overview(card) + _networks(card) + _training(card) + _defaults(card) + _below_baseline(card) + _gate(card)
     return "\n".join(lines).rstrip() + "\n"

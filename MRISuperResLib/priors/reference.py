@@ -18,8 +18,8 @@ import torch
 
 from ..errors import InputError
 from ..metrics import head_mask
+from ..orientation import direction_of
 from ..volume import Grid, Volume, read_volume
-from .space import direction_of, shape_of
 
 # Decoding the zero latent of the published prior takes minutes on a CPU, and reading and checking the files
 # costs seconds; a benchmark or batch reuses one prior for many runs, so the reference lives as long as its prior.
@@ -28,7 +28,7 @@ _CACHE = weakref.WeakKeyDictionary()
 
 def prior_grid(card: dict) -> Grid:
     g = card.get("grid") or {}
-    shape = shape_of(g["shape"])
+    shape = tuple(int(n) for n in g["shape"])
     spacing = [float(s) for s in (g.get("spacing") or (1.0, 1.0, 1.0))]
     if g.get("direction") is not None:
         direction = np.asarray(g["direction"], dtype=np.float64).reshape(3, 3)
@@ -54,7 +54,7 @@ def prior_reference(prior) -> Tuple[Volume, np.ndarray]:
 
 
 def _read_reference(prior, ref: dict) -> Tuple[Volume, np.ndarray]:
-    from .networks import file_digest
+    from .folder import file_digest
 
     folder = getattr(prior, "folder", None)
     if not folder:

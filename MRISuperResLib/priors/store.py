@@ -6,7 +6,7 @@ Search path, first match wins:
     2. priors shipped with the package: MRISuperResLib/_models/ (a wheel installs <repo>/Resources/Models there,
        see pyproject's package-dir) and, from a source checkout, <repo>/Resources/Models/.
 Each prior is a folder NAME/ with model.json and its weight files. Loading verifies every weight file's
-sha256 against the card before reading it.
+sha256 against the card before reading it (folder.py).
 """
 
 import os
@@ -17,7 +17,8 @@ import torch
 
 from ..errors import InputError, UserError
 from . import card as cards
-from . import networks, ukbb
+from . import folder as folders
+from . import ukbb
 from .ddim import NoiseSchedule
 
 ENV_VAR = "MRISR_MODELS_DIR"
@@ -75,7 +76,7 @@ def list_models() -> List[dict]:
     rows = []
     for item in installed():
         try:
-            row = cards.card_summary(cards.read_card(item["folder"]), item["folder"])
+            row = cards.card_summary(folders.read_card(item["folder"]), item["folder"])
             row["status"] = "installed"
         except UserError as exc:
             row = {"name": item["name"], "kind": None, "title": item["name"], "path": item["folder"],
@@ -143,7 +144,7 @@ class Prior:
 
     def to(self, device) -> "Prior":
         for k in self.networks:
-            self.networks[k] = self.networks[k].to(device)
+            self.networks[k] = folders.with_fast_layout(self.networks[k].to(device), device)
         return self
 
     def method_defaults(self, method: str, device_type: str) -> dict:
@@ -158,26 +159,11 @@ def load_prior(name_or_path, device="cpu", kind: Optional[str] = None) -> Prior:
     if name_or_path is None:
         return default_prior(kind or "ldm", device)
     folder = find_prior(name_or_path)
-    card = cards.read_card(folder)
+    card = folders.read_card(folder)
     if kind is not None and card["kind"] != kind:
         raise InputError("Prior '%s' is a %s prior; this method needs a %s prior." % (card["name"], card["kind"], kind),
                          "Choose a %s prior (see `models list`)." % kind)
-    nets = {}
-    for role, spec in card["networks"].items():
-        path = os.path.join(folder, spec["weights"])
-        if not os.path.isfile(path):
-            raise InputError("Weight file %s of prior '%s' is missing." % (path, card["name"]),
-                             "Re-import the prior with `models import`.")
-        want = spec.get("sha256")
-        if not want:
-            raise InputError("The card of prior '%s' gives no sha256 for %s." % (card["name"], spec["weights"]),
-                             "Re-import the prior with `models import` (it records the checksums).")
-        got = networks.file_digest(path)
-        if got != want:
-            raise InputError("Weight file %s is corrupt or was changed (sha256 %s, card says %s)." % (path, got, want),
-                             "Re-import the prior with `models import`.")
-        net = networks.build(spec, device="meta")
-        nets[role] = networks.load_weights(net, networks.read_state_dict(path), path)
+    nets = {role: folders.load_network(folder, card, role) for role in card["networks"]}
     return Prior(card, nets, folder).to(device)
 
 
@@ -190,7 +176,7 @@ def default_prior_folder(kind: str, device_type: str = "cpu") -> str:
     cands = []
     for item in installed():
         try:
-            if cards.read_card(item["folder"])["kind"] == kind:
+            if folders.read_card(item["folder"])["kind"] == kind:
                 cands.append(item)
         except UserError:
             continue
@@ -207,23 +193,29 @@ def run_defaults(method: str, kind: str, device_types=("cpu", "cuda")) -> dict:
     """Where a run's settings come from for a method with a prior, for `methods`: the schema's defaults, then the
     chosen prior's card (`method_defaults`, per device type), then --set.
 
-    {"default_prior": {device type: name or None}, "prior_defaults": {prior name: {device type: {setting: value}}}}
+    {"default_prior": {device type: name or None}, "prior_defaults": {prior name: {device type: {setting: value}}},
+     "below_baseline_with_default_prior": {device type: the card's gate warning, or None}}
     """
     per_prior = {}
     for item in installed():
         try:
-            card = cards.read_card(item["folder"])
+            card = folders.read_card(item["folder"])
         except UserError:
             continue
         if card["kind"] == kind:
             per_prior[card["name"]] = {d: cards.method_defaults(card, method, d) for d in device_types}
-    chosen = {}
+    chosen, below = {}, {}
     for d in device_types:
         try:
-            chosen[d] = cards.read_card(default_prior_folder(kind, d))["name"]
+            card = folders.read_card(default_prior_folder(kind, d))
         except UserError:
-            chosen[d] = None
-    return {"default_prior": chosen, "prior_defaults": per_prior}
+            chosen[d], below[d] = None, None
+            continue
+        # a device type the gate never ran on inherits the CPU's verdict: the same prior, similar settings
+        chosen[d] = card["name"]
+        below[d] = cards.gate_shortfall(card, method, d) or (cards.gate_shortfall(card, method, "cpu")
+                                                             if d != "cpu" else None)
+    return {"default_prior": chosen, "prior_defaults": per_prior, "below_baseline_with_default_prior": below}
 
 
 def default_prior(kind: str, device="cpu") -> Prior:

@@ -4,14 +4,12 @@ They are real MONAI networks and real priors in every respect except training.
 """
 
 import copy
-import json
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from . import card as cards
-from . import networks
+from . import folder as folders
 from .store import Prior
 
 
@@ -65,7 +63,7 @@ def random_prior(card: dict, seed: int = 0, device="cpu", image_shape: Optional[
     torch.manual_seed(seed)
     if torch.device(device).type == "cuda":
         torch.cuda.manual_seed_all(seed)
-    nets = {role: networks.build(spec, device=device) for role, spec in card["networks"].items()}
+    nets = {role: folders.build(spec, device=device) for role, spec in card["networks"].items()}
     for net in nets.values():
         _randomise_zero_init(net)
     return Prior(card, nets, None)
@@ -82,12 +80,5 @@ def _randomise_zero_init(net: torch.nn.Module, std: float = 0.05) -> None:
 
 def write_prior(prior: Prior, folder: str) -> str:
     """Save a prior as a store folder: safetensors weights and model.json with their sha256."""
-    os.makedirs(folder, exist_ok=True)
-    card = copy.deepcopy(prior.card)
-    for role, net in prior.networks.items():
-        spec = card["networks"][role]
-        spec["weights"] = "%s.safetensors" % role
-        spec["sha256"] = networks.save_safetensors(net, os.path.join(folder, spec["weights"]))
-    with open(os.path.join(folder, cards.CARD_FILE), "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1)
+    folders.write_prior(folder, copy.deepcopy(prior.card), prior.networks)
     return folder

@@ -315,7 +315,8 @@ def cmd_train(args):
 
 
 def _record_commands(run_dir, commands):
-    from .trainer import RUN_FILE, atomic_write_text
+    from ..volume import atomic_write_text
+    from .trainer import RUN_FILE
 
     path = os.path.join(run_dir, RUN_FILE)
     with open(path) as f:

@@ -1,97 +1,22 @@
-"""Writing a trained run as a prior folder (`model.json`, its README.md card, safetensors); reading networks back.
+"""Writing a trained run as a prior folder (`model.json`, its README.md card, safetensors), through priors/folder.py.
 
 The card follows the agreed schema (schema 1); each weight file's sha256 is recorded in it and
 checked on every load.
 """
 
-import hashlib
-import json
 import os
-import tempfile
 
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..priors.modelcard import README_FILE, render_model_card
-from .trainer import atomic_write_text
-
-CARD = "model.json"
-NETWORK_CLASSES = ("AutoencoderKL", "DiffusionModelUNet")
-
-
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def save_weights(module: torch.nn.Module, path) -> str:
-    """Atomic safetensors write; returns the sha256."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return sha256_of(path)
-
-
-def build_network(cls_name: str, kwargs: dict):
-    from monai.networks import nets
-
-    if cls_name not in NETWORK_CLASSES:
-        raise InputError("Network class '%s' is not supported." % cls_name, "Use one of %s." % ", ".join(NETWORK_CLASSES))
-    return getattr(nets, cls_name)(**kwargs)
-
-
-def load_network(folder, entry: dict, device="cpu"):
-    """Build a card's network entry and load its verified weights."""
-    from safetensors.torch import load_file
-
-    path = os.path.join(folder, entry["weights"])
-    if not os.path.exists(path):
-        raise InputError("Weight file %s is missing." % path, "Re-export the prior or copy the whole folder.")
-    digest = sha256_of(path)
-    if digest != entry.get("sha256"):
-        raise InputError("Weight file %s does not match its checksum in %s." % (path, CARD),
-                         "The file is corrupt or was replaced; re-export or re-download the prior.")
-    net = build_network(entry["class"], entry["kwargs"])
-    net.load_state_dict(load_file(path, device="cpu"))
-    return net.to(device)
-
-
-def read_card(folder) -> dict:
-    path = os.path.join(folder, CARD)
-    if not os.path.exists(path):
-        raise InputError("%s has no %s." % (folder, CARD), "Give a folder written by `train ... --export`.")
-    with open(path) as f:
-        card = json.load(f)
-    if card.get("schema") != 1:
-        raise InputError("%s has schema %r; this version reads schema 1." % (path, card.get("schema")),
-                         "Update MRISuperRes or re-export the prior.")
-    return card
+from ..priors.folder import file_digest, write_prior
 
 
 def export_prior(task, folder, name, title="", description="", training=None, method_defaults=None,
                  extra=None) -> dict:
     """Write the task's networks and its card into `folder`; returns the card."""
     os.makedirs(folder, exist_ok=True)
-    networks = {}
-    for role, (cls_name, module, kwargs) in task.networks().items():
-        fname = role + ".safetensors"
-        digest = save_weights(module, os.path.join(folder, fname))
-        networks[role] = {"class": cls_name, "kwargs": kwargs, "weights": fname, "sha256": digest}
+    networks = {role: {"class": cls_name, "kwargs": kwargs} for role, (cls_name, _, kwargs) in task.networks().items()}
     synth = task.synth
     f = synth.config.downsample
     card = {
@@ -116,9 +41,7 @@ def export_prior(task, folder, name, title="", description="", training=None, me
         card["reference"] = write_reference(synth.config, folder)
     if extra:
         card.update(extra)
-    atomic_write_text(os.path.join(folder, CARD), json.dumps(card, indent=1) + "\n")
-    atomic_write_text(os.path.join(folder, README_FILE), render_model_card(card))
-    return card
+    return write_prior(folder, card, {role: module for role, (_, module, _) in task.networks().items()}, readme=True)
 
 
 REFERENCE_COUNT = 8
@@ -152,7 +75,7 @@ def write_reference(config, folder, count: int = REFERENCE_COUNT) -> dict:
         path = os.path.join(folder, fname)
         write_volume(Volume(np.ascontiguousarray(arrays[key].numpy().astype(np.float32)), grid), path,
                      description="MRISuperRes prior reference (%s)" % key, pixel_type="uint8")
-        digests[fname] = sha256_of(path)
+        digests[fname] = file_digest(path)
     return dict(files, sha256=digests, count=count, spacing_mm=float(grid.spacing[0]),
                 note="mean of %d held-out synthetic brains (seeds from %d); image scaled to 0..255" % (
                     count, 1_001_000))

@@ -59,11 +59,11 @@ def alphas_cumprod(schedule: dict) -> torch.Tensor:
 
 def load_autoencoder(path, device="cpu"):
     """(module, kwargs, synth options) from an exported prior folder or an autoencoder run folder."""
-    from .export import CARD, load_network, read_card
+    from ..priors.folder import CARD_FILE, load_network, read_card
     from .trainer import RUN_FILE, load_checkpoint, read_run
 
-    if os.path.exists(os.path.join(path, CARD)):
-        card = read_card(path)
+    if os.path.exists(os.path.join(path, CARD_FILE)):
+        card = read_card(path, autoencoder=True)
         entry = (card.get("networks") or {}).get("autoencoder")
         if not entry:
             raise InputError("%s has no autoencoder network." % path, "Give an autoencoder or LDM prior folder.")
@@ -71,7 +71,7 @@ def load_autoencoder(path, device="cpu"):
         f = int(round(g["spacing"][0]))
         synth = {"shape": [n * f for n in g["shape"]], "orientation": g["orientation"], "downsample": f,
                  "head": card.get("training", {}).get("synth", {}).get("head", True)}
-        return load_network(path, entry, device), entry["kwargs"], synth
+        return load_network(path, card, "autoencoder", device), entry["kwargs"], synth
     if os.path.exists(os.path.join(path, RUN_FILE)):
         run = read_run(path)
         if run.get("task") != "autoencoder":
@@ -90,12 +90,12 @@ def load_autoencoder(path, device="cpu"):
 
 def autoencoder_provenance(path) -> dict:
     """How the autoencoder at `path` was trained, for the LDM's card: its own networks carry no training record."""
-    from .export import CARD, read_card
+    from ..priors.folder import CARD_FILE, read_card
     from .trainer import command_line_of, load_checkpoint, read_run
     from .warmstart import init_from_record
 
-    if os.path.exists(os.path.join(path, CARD)):
-        card = read_card(path)
+    if os.path.exists(os.path.join(path, CARD_FILE)):
+        card = read_card(path, autoencoder=True)
         t = card.get("training") or {}
         if t.get("autoencoder"):  # an LDM prior: its own command is the UNet's run, the autoencoder's sits beside it
             return dict(t["autoencoder"])

@@ -7,7 +7,7 @@ Per step:
        (the margin keeps the pair's borders like the inside of a whole volume, as at inference)
     3. hr, up -> [-1, 1]; x0 = (hr - up) / residual_scale, residual_scale = the residual's std, measured once
     4. loss = || x0 - UNet([z_t, up, cond], t) ||^2 with the cosine schedule (x0 = "sample" prediction; runs
-       made with eps prediction keep it; diffusion/cosine.py)
+       made with eps prediction keep it; diffusion/paired_model.py)
 """
 
 import warnings
@@ -15,9 +15,11 @@ from typing import Dict
 
 import torch
 
-from ..diffusion import cosine
+from ..diffusion import paired_model
+from ..diffusion.cosine import DEFAULT_SCHEDULE, cosine_alpha_bar
 from ..errors import InputError
 from ..physics import spec_from_dict
+from ..priors.card import fresh_method_defaults
 from .autoencoder import draw_train_seeds, synth_from_options
 
 DEFAULT_OPERATORS = [
@@ -53,9 +55,9 @@ class PairedTask:
     @staticmethod
     def default_options(synth=None, network=None, patch=(32, 32, 32), margin=8, operators=None, batch_size=2,
                         pool=0) -> dict:
-        return {"network": dict(network or cosine.default_unet()), "patch": list(patch), "margin": int(margin),
+        return {"network": dict(network or paired_model.default_unet()), "patch": list(patch), "margin": int(margin),
                 "operators": [dict(o) for o in (operators or DEFAULT_OPERATORS)],
-                "schedule": dict(cosine.DEFAULT_SCHEDULE, prediction="sample"),
+                "schedule": dict(DEFAULT_SCHEDULE, prediction="sample"),
                 "synth": dict(synth or {"shape": [160, 224, 160], "orientation": "LAS", "downsample": 1, "head": True}),
                 "batch_size": int(batch_size), "pool": int(pool)}
 
@@ -88,7 +90,7 @@ class PairedTask:
             inner = tuple(slice(m, m + p) for p in patch)
             hrs.append(block[inner])
             ups.append(up[inner])
-            conds.append(cosine.condition_of(op))
+            conds.append(paired_model.condition_of(op))
         device = self.device if device is None else device
         to = dict(device=device, dtype=torch.float32)
         return ((torch.stack(hrs)[:, None] * 2 - 1).to(**to), (torch.stack(ups)[:, None] * 2 - 1).to(**to),
@@ -101,10 +103,10 @@ class PairedTask:
             self.residual_scale = float((hr - up).std().clamp_min(1e-3))
         return self.residual_scale
 
-    def model(self) -> cosine.PairedModel:
+    def model(self) -> paired_model.PairedModel:
         sched = self.options["schedule"]
-        return cosine.PairedModel(self.unet, self.options["patch"], self._scale(),
-                                  cosine.cosine_alpha_bar(sched["num_train_timesteps"]), sched.get("prediction", "epsilon"))
+        return paired_model.PairedModel(self.unet, self.options["patch"], self._scale(),
+                                  cosine_alpha_bar(sched["num_train_timesteps"]), sched.get("prediction", "epsilon"))
 
     def draw(self, generator: torch.Generator):
         o = self.options
@@ -112,7 +114,7 @@ class PairedTask:
 
     def loss_on(self, batch, generator: torch.Generator):
         hr, up, cond = (t.to(self.device) for t in batch)
-        return cosine.paired_loss(self.model(), hr, up, cond, generator, float(self.options.get("high_t_fraction", 0.0)))
+        return paired_model.paired_loss(self.model(), hr, up, cond, generator, float(self.options.get("high_t_fraction", 0.0)))
 
     def loss(self, step: int, generator: torch.Generator):
         return self.loss_on(self.draw(generator), generator)
@@ -125,7 +127,7 @@ class PairedTask:
         for s in seeds:
             gen = torch.Generator().manual_seed(int(s))
             hr, up, cond = self.pairs([s] * 2, gen)
-            total += float(cosine.paired_loss(model, hr, up, cond, gen)[0])
+            total += float(paired_model.paired_loss(model, hr, up, cond, gen)[0])
         self.unet.train()
         key = "heldout_eps_mse" if model.prediction == "epsilon" else "heldout_x0_mse"
         return {key: total / max(len(seeds), 1), "heldout_count": len(seeds)}
@@ -137,8 +139,8 @@ class PairedTask:
         return {"kind": "paired", "schedule": dict(self.options["schedule"]),
                 "paired": {"patch": list(self.options["patch"]), "residual_scale": self._scale(),
                            "operators": [dict(o) for o in self.options["operators"]],
-                           "condition_names": list(cosine.CONDITION_NAMES)},
-                "method_defaults": {"paired-ddpm": {"cpu": {"steps": 10}, "cuda": {"steps": 50}}}}
+                           "condition_names": list(paired_model.CONDITION_NAMES)},
+                "method_defaults": fresh_method_defaults("paired")}
 
 
 # ---- command line (hooked into training/cli.py: `train paired`) ----
@@ -184,7 +186,7 @@ def new_options(args, synth: dict) -> dict:
         except (ValueError, TypeError, KeyError, AttributeError):
             raise InputError("--operators is not a JSON list of degradations.",
                              'Example: \'[{"operator": "thick-slice", "axes": [2], "factors": [4]}]\'') from None
-    net = cosine.default_unet(tuple(args.channels or (16, 32, 64)))
+    net = paired_model.default_unet(tuple(args.channels or (16, 32, 64)))
     if args.norm_groups is not None:
         net["norm_num_groups"] = args.norm_groups
     opts = PairedTask.default_options(synth=synth, network=net, patch=tuple(args.patch or (32, 32, 32)),

@@ -30,7 +30,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -40,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import InputError, UserError
+from ..volume import atomic_write, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILE = "run.json"
@@ -86,33 +86,6 @@ class TrainResult:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The CPU generator of one step: independent of how the run was chunked."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (2 ** 63 - 1))
-
-
-def atomic_torch_save(obj, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide cards and logs from other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_run(run_dir) -> dict:
@@ -274,7 +247,7 @@ class Trainer:
             state["average"] = {"decay": self.config.ema, "modules": self.average}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        atomic_torch_save(state, os.path.join(self.run_dir, CHECKPOINT))
+        atomic_write(os.path.join(self.run_dir, CHECKPOINT), lambda tmp: torch.save(state, tmp), ".pt")
 
     def restore(self) -> bool:
         ckpt = load_checkpoint(self.run_dir, self.device)

@@ -15,6 +15,7 @@ import torch
 
 from ..diffusion import vdm
 from ..errors import InputError
+from ..priors.card import fresh_method_defaults
 from .autoencoder import draw_train_seeds, synth_from_options
 
 
@@ -108,7 +109,7 @@ class VDMTask:
         return {"kind": "vdm", "schedule": None,
                 "vdm": {"gamma_table": vdm.tabulate(self.gamma), "fourier_exponents": list(self.model.exponents),
                         "planes": "all three orientations", "crop": int(self.options["crop"])},
-                "method_defaults": {"kspace-vdm": {"cpu": {"steps": 25}, "cuda": {"steps": 250}}}}
+                "method_defaults": fresh_method_defaults("vdm")}
 
 
 # ---- command line (hooked into training/cli.py: `train vdm`) ----

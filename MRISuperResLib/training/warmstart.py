@@ -27,6 +27,7 @@ def _note(msg):
 
 def options_from_prior(task_name: str, options: dict, prior_ref: str) -> dict:
     """`options` of a new run with the trained network replaced by the prior's; differences are noted."""
+    from ..priors.folder import read_card
     from ..priors.store import find_prior
 
     if task_name not in _SOURCES:
@@ -34,7 +35,7 @@ def options_from_prior(task_name: str, options: dict, prior_ref: str) -> dict:
                          "Use --init-from with %s." % ", ".join(sorted(_SOURCES)))
     kinds, role = _SOURCES[task_name]
     folder = find_prior(prior_ref)
-    card = _read_card(folder)
+    card = read_card(folder, autoencoder=True)
     if card["kind"] not in kinds or role not in card["networks"]:
         article = "an" if str(card["kind"])[:1] in "aeiou" else "a"
         raise InputError("Prior '%s' is %s %s prior without the %s that `train %s` trains."
@@ -69,10 +70,10 @@ def options_from_prior(task_name: str, options: dict, prior_ref: str) -> dict:
 
 def load_into(task, options: dict) -> None:
     """Put the recorded prior's weights into the task's trained network (and a VDM's gamma end points)."""
-    from ..priors.networks import file_digest, read_state_dict
+    from ..priors.folder import file_digest, read_card, read_state_dict
 
     src = options["init_from"]
-    card = _read_card(src["folder"])
+    card = read_card(src["folder"], autoencoder=True)
     path = os.path.join(src["folder"], src["weights"])
     if file_digest(path) != src["sha256"] or card["networks"][src["role"]]["sha256"] != src["sha256"]:
         raise InputError("%s changed since this run was set up (sha256 differs from the card's)." % path,
@@ -98,18 +99,6 @@ def init_from_record(options: dict):
     without this machine's folder."""
     src = options.get("init_from")
     return {k: v for k, v in src.items() if k != "folder"} if src else None
-
-
-def _read_card(folder: str) -> dict:
-    """The card of a prior, or of an exported autoencoder: not a prior the methods run, so the store's
-    checks (which know only method-ready kinds) do not apply to it."""
-    from ..priors.card import CARD_FILE, check_card
-    from .export import read_card as read_exported
-
-    card = read_exported(folder)
-    if card.get("kind") != "autoencoder":
-        check_card(card, os.path.join(folder, CARD_FILE))
-    return card
 
 
 def _plain(v):

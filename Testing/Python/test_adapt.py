@@ -87,6 +87,10 @@ def test_learning_from_the_scan_beats_the_prior_as_it_came():
     assert p_tuned > p_plain + 1.0, (p_plain, p_tuned)
     rec = tuned.info["adapted"]
     assert rec["steps"] == 60 and rec["loss_last"] < rec["loss_first"]
+    # the time split bench reports: the fine-tuning, then the sampling
+    phases = tuned.info["phase_seconds"]
+    assert set(phases) == {"adaptation", "sampling"} and phases["sampling"] > 0
+    assert phases["adaptation"] >= rec["seconds"] > 0 and plain.info["phase_seconds"]["adaptation"] < rec["seconds"]
     # The bar shows the phase with an ETA, then sampling takes the rest of it.
     learn = [e for e in events if e["event"] == "progress" and e["message"].startswith("learning from this scan")]
     assert len(learn) == 60 and learn[-1]["fraction"] <= 0.5 + 1e-9 and learn[-1]["eta_s"] is not None

@@ -53,8 +53,34 @@ def test_synthetic_cases_are_held_out_heads_on_the_prior_grid():
     assert 0.0 <= vol.array.min() and vol.array.max() <= 1.0 and vol.array.std() > 0.05
 
 
+def test_whole_brain_case_is_the_template_at_the_size_of_a_clinical_1mm_volume():
+    import numpy as np
+
+    from MRISuperResLib.bench.cases import resolve_cases
+    from MRISuperResLib.demo import mni152_example
+
+    (case,) = resolve_cases(["mni152-181"])
+    vol, full = case.load(), mni152_example()
+    assert vol.grid.shape == (181, 217, 180) and vol.grid.spacing == full.grid.spacing
+    # a centre cut of the template itself: the voxel at its first index sits where the template has it
+    lo = (np.asarray(full.grid.shape) - np.asarray(vol.grid.shape)) // 2
+    assert np.array_equal(vol.array, full.array[lo[0]:lo[0] + 181, lo[1]:lo[1] + 217, lo[2]:lo[2] + 180])
+    assert np.allclose(vol.grid.index_to_physical((0, 0, 0)), full.grid.index_to_physical(lo), atol=1e-6)
+
+
+def test_phase_seconds_are_shown_beside_a_run_with_more_than_one_phase():
+    from MRISuperResLib.bench.report import markdown_table
+
+    row = dict(method="paired-ddpm", case="c", degradation="d", psnr=1.0, psnr_masked=1.0, delta_psnr_masked_db=0.0,
+               ssim=0.5, ssim_slices=0.5, seconds=300.0, time_ratio=1.0, peak_ram_mb=1.0, peak_gpu_mb=None,
+               device="cpu", error=None, phase_seconds={"adaptation": 100.0, "sampling": 200.0})
+    assert "| 300.0 (adaptation 100, sampling 200) |" in markdown_table([row])
+    row["phase_seconds"] = {"adaptation": 0.0, "sampling": 300.0}
+    assert "| 300.0 |" in markdown_table([row])
+
+
 def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case():
-    from MRISuperResLib.bench.cli import GATE, GATE_TARGET_DB
+    from MRISuperResLib.bench.cli import GATE_TARGET_DB, gate_plan
     from MRISuperResLib.bench.report import gate_summary
 
     def row(method, deg, psnr, prior=None, baseline="bspline"):
@@ -70,7 +96,7 @@ def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case()
     for r in rows:
         base = next(b for b in rows if b["method"] == r["baseline"] and b["degradation"] == r["degradation"])
         r["delta_psnr_masked_db"] = r["psnr_masked"] - base["psnr_masked"]
-    out = gate_summary(rows, GATE, GATE_TARGET_DB)
+    out = gate_summary(rows, gate_plan(), GATE_TARGET_DB)
     assert sorted(out) == ["p", "v"]
     p = {r["degradation"]: r for r in out["p"]}
     assert sorted(p) == ["slice-removal-4mm", "slice-removal-8mm", "thick-slice-5mm"]  # k-space is not paired-ddpm's
@@ -83,7 +109,7 @@ def test_gate_summary_compares_with_the_baseline_and_judges_only_the_hard_case()
 def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, monkeypatch):
     import json
 
-    from MRISuperResLib.bench.cli import GATE, GATE_TARGET_DB
+    from MRISuperResLib.bench.cli import GATE_TARGET_DB, gate_plan
     from MRISuperResLib.bench.report import update_cards
     from MRISuperResLib.priors import synthetic
     from MRISuperResLib.priors.store import load_prior
@@ -100,9 +126,9 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
                            delta_psnr_masked_db=psnr - 20.0)]
 
     meta = {"command": "bench --gate --cases synthetic", "machine": "m", "date": "d1"}
-    assert update_cards(rows("synthetic-1", 22.0), meta, GATE, GATE_TARGET_DB) == [folder]
-    update_cards(rows("mni152", 20.5), dict(meta, command="bench --gate --cases mni152", date="d2"), GATE, GATE_TARGET_DB)
-    update_cards(rows("mni152", 21.5), dict(meta, command="bench --gate --cases mni152", date="d3"), GATE, GATE_TARGET_DB)
+    assert update_cards(rows("synthetic-1", 22.0), meta, gate_plan(), GATE_TARGET_DB) == [folder]
+    update_cards(rows("mni152", 20.5), dict(meta, command="bench --gate --cases mni152", date="d2"), gate_plan(), GATE_TARGET_DB)
+    update_cards(rows("mni152", 21.5), dict(meta, command="bench --gate --cases mni152", date="d3"), gate_plan(), GATE_TARGET_DB)
     with open(tmp_path / "store" / "gate-ldm" / "model.json") as fh:
         gate = json.load(fh)["quality_gate"]
     got = {(r["case"], r["meets_target"]) for r in gate["rows"]}
@@ -112,7 +138,7 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
     assert {r["case"]: gate["runs"][r["run"]]["date"] for r in gate["rows"]} == {"synthetic-1": "d1", "mni152": "d3"}
     # a GPU run of the same rows sits beside the CPU ones instead of replacing them
     gpu = [dict(r, device="cuda:0") for r in rows("mni152", 23.0)]
-    update_cards(gpu, dict(meta, command="bench --gate --device cuda", date="d4"), GATE, GATE_TARGET_DB)
+    update_cards(gpu, dict(meta, command="bench --gate --device cuda", date="d4"), gate_plan(), GATE_TARGET_DB)
     with open(tmp_path / "store" / "gate-ldm" / "model.json") as fh:
         rows_now = json.load(fh)["quality_gate"]["rows"]
     assert sorted((r["case"], r.get("device") or "cpu", r["psnr_masked"]) for r in rows_now) == [
@@ -123,13 +149,26 @@ def test_update_cards_merges_gate_runs_and_keeps_the_weights_loadable(tmp_path, 
 def test_speedups_are_measured_against_the_plain_run_and_keep_the_result(tmp_path):
     from MRISuperResLib.bench import speedups
 
-    configs = [("plain", False, False), ("both (default)", True, True)]
+    configs = [("plain", False, False, False), ("all (default)", True, True, True)]
     rows = speedups.run(str(tmp_path), "cpu", samples=1, shape=(32, 32, 32), configs=configs)
-    assert [r["config"] for r in rows] == ["plain", "both (default)"]
+    assert [r["config"] for r in rows] == ["plain", "all (default)"]
     assert rows[0]["x_plain_time"] == 1.0 and rows[1]["x_plain_time"] > 0
     assert all(r["peak_ram_mb"] > 100 and r["seconds"] > 0 for r in rows)
-    # the speed-ups may not change the answer beyond float rounding
-    assert rows[1]["max_abs_diff_vs_plain"] < 1e-4 * rows[1]["output_range"]
+    # the speed-ups may not change the answer beyond float32 rounding. Channels-last makes oneDNN pick other
+    # convolution algorithms (another summation order in every layer of the UNet): measured up to 3e-3 of the output's
+    # range on this case, under 2^-8 (bf16's precision, the tolerance the GPU paths are held to as well)
+    assert rows[1]["max_abs_diff_vs_plain"] < 2 ** -8 * rows[1]["output_range"]
     assert not any(n.endswith(".npy") for n in os.listdir(str(tmp_path)))
     table = speedups.markdown(rows)
-    assert table.count("\n") == 3 and "| both (default) | yes | yes |" in table
+    assert table.count("\n") == 3 and "| all (default) | yes | yes | yes |" in table
+
+
+def test_a_case_whose_size_the_factor_does_not_divide_is_reported_not_a_crash():
+    from MRISuperResLib.bench import runner
+    from MRISuperResLib.bench.cases import Case
+
+    vol = Volume.from_array(phantom((32, 32, 36), seed=2) * 300)
+    rows, _ = runner.run([Case("odd", "user", lambda: vol)], ["slice-removal-8mm"], ["trilinear"], "cpu",
+                         log=lambda m: None)
+    errors = {r.method: r.error for r in rows}
+    assert "not a multiple of the factor" in errors["trilinear"] and "32x32x40" in errors["trilinear"]

@@ -47,6 +47,19 @@ def test_methods_json_contract():
             for prior, per_device in m["prior_defaults"].items():
                 assert all(set(values) <= names for values in per_device.values()), prior
             assert all(p is None or p in m["prior_defaults"] for p in m["default_prior"].values())
+            assert set(m["below_baseline_with_default_prior"]) == {"cpu", "cuda"}
+    below = {m["name"]: m.get("below_baseline_with_default_prior") for m in items}
+    # the shipped LDM prior's own gate has the decoder below B-spline and the paired model above it
+    assert "below bspline" in below["inversesr-decoder"]["cpu"] and "synth-brain-ldm" in below["inversesr-decoder"]["cpu"]
+    assert below["paired-ddpm"] == {"cpu": None, "cuda": None}
+
+
+def test_a_method_below_its_baseline_with_its_default_prior_is_not_the_default():
+    from MRISuperResLib.demo import default_method
+
+    assert default_method(["paired-ddpm", "inversesr-decoder", "bspline"]) == "paired-ddpm"
+    assert default_method(["inversesr-decoder", "inversesr-ldm", "bspline"]) == "inversesr-ldm"
+    assert default_method(["inversesr-decoder", "bspline"]) == "bspline"
 
 
 def test_devices_json():
@@ -183,3 +196,19 @@ def test_batch_over_folder_skips_bad_files_and_resumes(tmp_path):
     assert r.returncode == 2 and "input folder" in r.stderr
     r = cli("run", "--input", src, "--output", tmp_path / "x.nii.gz", "--method", "bspline")
     assert r.returncode == 2 and "must be a folder" in r.stderr and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_demo_cuts_the_template_to_its_head_on_the_same_physical_grid():
+    import numpy as np
+
+    from MRISuperResLib.demo import cropped_to_head, mni152_example
+
+    full = mni152_example()
+    cut = cropped_to_head(full, multiple=4)
+    assert all(n % 4 == 0 for n in cut.grid.shape) and np.prod(cut.grid.shape) < 0.7 * np.prod(full.grid.shape)
+    assert float(cut.array.sum()) == float(full.array.sum())  # nothing but air left out
+    lo = np.round(np.linalg.solve(np.asarray(full.grid.direction).reshape(3, 3) * np.asarray(full.grid.spacing),
+                                  np.asarray(cut.grid.origin) - np.asarray(full.grid.origin))).astype(int)
+    sl = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, cut.grid.shape))
+    assert np.array_equal(cut.array, full.array[sl])
+    assert np.allclose(cut.grid.index_to_physical((0, 0, 0)), full.grid.index_to_physical(lo), atol=1e-6)

@@ -21,7 +21,7 @@ from conftest import ROOT, phantom
 from MRISuperResLib import cohort
 from MRISuperResLib.errors import EXIT_SOME_FAILED, InputError
 from MRISuperResLib.methods import get_method
-from MRISuperResLib.priors.networks import file_digest
+from MRISuperResLib.priors.folder import file_digest
 from MRISuperResLib.progress import parse_event
 from MRISuperResLib.volume import Volume, write_volume
 

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from MRISuperResLib.diffusion import cosine, patches, vdm
+from MRISuperResLib.diffusion import cosine, paired_model, patches, vdm
 from MRISuperResLib.diffusion.cards import paired_card, vdm_card
 from MRISuperResLib.errors import InputError
+from MRISuperResLib.priors.ddim import ddim_step
 from MRISuperResLib.priors.store import Prior
 
 
@@ -44,7 +45,7 @@ def tiny_paired(seed=0, patch=(8, 8, 8)):
     from monai.networks.nets import DiffusionModelUNet
 
     torch.manual_seed(seed)
-    kw = cosine.default_unet(channels=(8, 16))
+    kw = paired_model.default_unet(channels=(8, 16))
     unet = DiffusionModelUNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
     card = paired_card("tiny-paired", patch, 0.5, [{"operator": "slice-removal", "axes": [2], "factors": [2.0]}],
                        (16, 16, 16))
@@ -138,38 +139,38 @@ def test_ddim_step_with_true_noise_is_exact():
     for _t, ab_t, ab_prev in pairs:
         z = math.sqrt(ab_t) * x0 + math.sqrt(1 - ab_t) * eps
         want = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
-        assert torch.allclose(cosine.ddim_step(z, eps, ab_t, ab_prev), want, atol=1e-9)
-        assert torch.allclose(cosine.ddim_step(z, eps, ab_t, ab_prev, clip=bound), want, atol=1e-9)
+        assert torch.allclose(ddim_step(z, eps, ab_t, ab_prev), want, atol=1e-9)
+        assert torch.allclose(ddim_step(z, eps, ab_t, ab_prev, clip=bound), want, atol=1e-9)
     # A wrong eps near t = T would blow x0_hat up by 1/sqrt(ab_t); the clip bounds the final step's output.
     t, ab_t, _ = pairs[0]
     z = math.sqrt(ab_t) * x0 + math.sqrt(1 - ab_t) * eps
-    out = cosine.ddim_step(z, -eps, ab_t, 1.0, clip=2.0)
+    out = ddim_step(z, -eps, ab_t, 1.0, clip=2.0)
     assert float(out.abs().max()) <= 2.0 + 1e-12
     with pytest.raises(ValueError, match="noise"):
-        cosine.ddim_step(z, eps, 0.5, 0.8, eta=1.0)
+        ddim_step(z, eps, 0.5, 0.8, eta=1.0)
 
 
 def test_condition_vector_names_operator_and_factors():
-    v = cosine.condition_vector("thick-slice", "box", (1.0, 1.0, 4.0))
-    assert v.shape == (len(cosine.CONDITION_NAMES),)
-    assert v[cosine.CONDITION_NAMES.index("thick-slice-box")] == 1 and float(v[:5].sum()) == 1
+    v = paired_model.condition_vector("thick-slice", "box", (1.0, 1.0, 4.0))
+    assert v.shape == (len(paired_model.CONDITION_NAMES),)
+    assert v[paired_model.CONDITION_NAMES.index("thick-slice-box")] == 1 and float(v[:5].sum()) == 1
     assert float(v[7]) == pytest.approx(math.log(4.0)) and float(v[5]) == 0.0
     with pytest.raises(InputError):
-        cosine.condition_vector("warp", "gaussian", (1, 1, 2))
+        paired_model.condition_vector("warp", "gaussian", (1, 1, 2))
 
 
 def test_paired_loss_decreases():
     prior, _ = tiny_paired(2)
-    model = cosine.PairedModel.from_prior(prior)
+    model = paired_model.PairedModel.from_prior(prior)
     model.unet.train().requires_grad_(True)
     hr = torch.rand(1, 1, 8, 8, 8) * 2 - 1
     up = hr + 0.1 * torch.randn(hr.shape)
-    cond = cosine.condition_vector("slice-removal", "gaussian", (1, 1, 2))[None]
+    cond = paired_model.condition_vector("slice-removal", "gaussian", (1, 1, 2))[None]
     opt = torch.optim.Adam(model.unet.parameters(), lr=3e-3)
     losses = []
     for _ in range(4):  # the same draws every step: the loss of this batch must fall
         opt.zero_grad()
-        loss, _ = cosine.paired_loss(model, hr, up, cond, torch.Generator().manual_seed(1))
+        loss, _ = paired_model.paired_loss(model, hr, up, cond, torch.Generator().manual_seed(1))
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -178,15 +179,15 @@ def test_paired_loss_decreases():
 
 def test_paired_loss_high_t_fraction_moves_the_draws_to_the_end_of_the_schedule():
     prior, _ = tiny_paired(2)
-    model = cosine.PairedModel.from_prior(prior)
+    model = paired_model.PairedModel.from_prior(prior)
     hr = torch.rand(64, 1, 8, 8, 8) * 2 - 1
-    cond = cosine.condition_vector("slice-removal", "gaussian", (1, 1, 2))[None].expand(64, -1)
+    cond = paired_model.condition_vector("slice-removal", "gaussian", (1, 1, 2))[None].expand(64, -1)
     n = model.alpha_bar.numel()
     with torch.no_grad():
-        _, uniform = cosine.paired_loss(model, hr, hr, cond, torch.Generator().manual_seed(3))
-        _, high = cosine.paired_loss(model, hr, hr, cond, torch.Generator().manual_seed(3), high_t_fraction=1.0)
-        _, half = cosine.paired_loss(model, hr, hr, cond, torch.Generator().manual_seed(3), high_t_fraction=0.5)
-    assert high["t_mean"] >= cosine.HIGH_T_FROM * n
+        _, uniform = paired_model.paired_loss(model, hr, hr, cond, torch.Generator().manual_seed(3))
+        _, high = paired_model.paired_loss(model, hr, hr, cond, torch.Generator().manual_seed(3), high_t_fraction=1.0)
+        _, half = paired_model.paired_loss(model, hr, hr, cond, torch.Generator().manual_seed(3), high_t_fraction=0.5)
+    assert high["t_mean"] >= paired_model.HIGH_T_FROM * n
     assert uniform["t_mean"] < 0.75 * n and uniform["t_mean"] < half["t_mean"] < high["t_mean"]
 
 

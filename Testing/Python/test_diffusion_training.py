@@ -49,7 +49,7 @@ def test_vdm_task_trains_resumes_exports_and_samples(tmp_path):
 
 
 def test_paired_task_trains_exports_and_samples(tmp_path):
-    from MRISuperResLib.diffusion.cosine import default_unet
+    from MRISuperResLib.diffusion.paired_model import default_unet
     from MRISuperResLib.training.paired import PairedTask
 
     ops = [{"operator": "slice-removal", "axes": [2], "factors": [2.0]},
@@ -76,7 +76,8 @@ def test_paired_task_trains_exports_and_samples(tmp_path):
 
 def test_sample_prediction_converts_to_the_true_noise():
     """A perfect x0 ("sample") predictor yields the exact eps the DDIM step needs."""
-    from MRISuperResLib.diffusion.cosine import PairedModel, cosine_alpha_bar
+    from MRISuperResLib.diffusion.cosine import cosine_alpha_bar
+    from MRISuperResLib.diffusion.paired_model import PairedModel
 
     x0 = torch.randn(2, 1, 4, 4, 4, dtype=torch.float64)
     eps = torch.randn(2, 1, 4, 4, 4, dtype=torch.float64)
@@ -93,7 +94,7 @@ def test_sample_prediction_converts_to_the_true_noise():
 
 
 def test_paired_prior_trained_through_plane_sees_other_thick_axes_as_k(tmp_path):
-    from MRISuperResLib.diffusion.cosine import CONDITION_NAMES, default_unet
+    from MRISuperResLib.diffusion.paired_model import CONDITION_NAMES, default_unet
     from MRISuperResLib.training.paired import PairedTask
 
     ops = [{"operator": "slice-removal", "axes": [2], "factors": [2.0]}]

@@ -9,9 +9,11 @@ import torch
 
 from MRISuperResLib.errors import InputError, ResourceError, UserError
 from MRISuperResLib.methods import get_method
+from MRISuperResLib.methods.inversesr import budget
+from MRISuperResLib.methods.inversesr.solver import CropPad
 from MRISuperResLib.physics import OperatorSpec
 from MRISuperResLib.pipeline import super_resolve
-from MRISuperResLib.priors import budget, store, synthetic
+from MRISuperResLib.priors import store, synthetic
 from MRISuperResLib.progress import Progress
 from MRISuperResLib.volume import Volume
 
@@ -107,8 +109,8 @@ def test_refused_when_it_cannot_fit(prior, monkeypatch):
 
 
 def test_nested_checkpointing_auto_turns_on_only_when_needed_to_fit(prior, monkeypatch):
-    flat = budget.estimate(prior.card, "inversesr-decoder", "cpu", 1).memory_bytes
-    nested = budget.estimate(prior.card, "inversesr-decoder", "cpu", 1, nested_checkpointing=True).memory_bytes
+    flat = budget.estimate(prior.card, "cpu", 1).memory_bytes
+    nested = budget.estimate(prior.card, "cpu", 1, nested_checkpointing=True).memory_bytes
     assert nested < flat
     monkeypatch.setattr(budget, "available_memory", lambda device: (flat + nested) / 2 / 0.9)
     m = get_method("inversesr-decoder")
@@ -157,9 +159,8 @@ def test_cli_run_with_model_path(prior, tmp_path, capsys, monkeypatch):
 
 
 def test_perceptual_term_uses_the_priors_encoder(prior):
+    from MRISuperResLib.methods.inversesr.solver import _perceptual
     from MRISuperResLib.priors.generator import LatentGenerator
-    from MRISuperResLib.priors.inversion import _perceptual
-    from MRISuperResLib.priors.space import CropPad
 
     feats = _perceptual(LatentGenerator(prior), CropPad((16, 16, 16), (16, 16, 16)), 0.0)
     a, b = torch.rand(16, 16, 16), torch.rand(16, 16, 16)
@@ -218,3 +219,31 @@ def test_samples_from_one_deterministic_start_are_refused(prior):
             m.solve(torch.rand(16, 16, 8), op, prior, m.resolve_settings({"init": init, "samples": 3}), Progress(),
                     torch.Generator())
         assert fix in err.value.fix
+
+
+# ---- P: centre crop/pad between the HR grid and the prior's grid ----
+
+def test_crop_pad_like_mni_to_the_published_grid():
+    # 181 x 217 x 181 (MNI) onto 160 x 224 x 160: crop i and k, pad j, at a scale the test can afford
+    cp = CropPad((19, 13, 18), (16, 16, 16))
+    x = torch.arange(19 * 13 * 18, dtype=torch.float32).reshape(19, 13, 18)
+    p = cp.to_prior(x, background=-1.0)
+    assert p.shape == (16, 16, 16)
+    assert torch.equal(p[:, 1:14, :], x[1:17, :, 1:17])  # centred: d//2 cut in front, the rest behind
+    assert bool((p[:, 0] == -1).all()) and bool((p[:, 14:] == -1).all())
+    fill = torch.full((19, 13, 18), 7.0)
+    back = cp.to_hr(p, fill)
+    assert back.shape == x.shape
+    assert torch.equal(back[1:17, :, 1:17], x[1:17, :, 1:17])
+    assert bool((back[0] == 7).all()) and bool((back[17:] == 7).all()) and bool((back[:, :, 0] == 7).all())
+    assert cp.covered_fraction() == pytest.approx(16 * 13 * 16 / (19 * 13 * 18))
+
+
+def test_crop_pad_identity_and_gradients():
+    cp = CropPad((16, 16, 16), (16, 16, 16))
+    x = torch.rand(16, 16, 16)
+    assert cp.to_prior(x) is x and cp.to_hr(x, x) is x
+    cp = CropPad((12, 20, 16), (16, 16, 16))
+    xp = torch.rand(16, 16, 16, requires_grad=True)
+    cp.to_hr(xp, torch.zeros(12, 20, 16)).sum().backward()
+    assert xp.grad.sum() == 12 * 16 * 16  # only the voxels that land on the HR grid get gradient

@@ -207,7 +207,7 @@ class _OracleEps(torch.nn.Module):
 def test_sampler_with_an_oracle_prior_recovers_the_truth(axes):
     # An exact denoiser of the true image must be followed to it: any error in the noise levels, the ancestral
     # step, the mixing or the slicing would leave the output near the zero-filled (sinc) baseline instead.
-    from MRISuperResLib.diffusion.intensity import robust_scale
+    from MRISuperResLib.intensity import robust_scale
     from MRISuperResLib.metrics import psnr
     from MRISuperResLib.priors.store import Prior
 
@@ -216,7 +216,7 @@ def test_sampler_with_an_oracle_prior_recovers_the_truth(axes):
     truth = torch.as_tensor(phantom(hr, 4) * 300.0 + 20.0)
     scale = robust_scale(torch.as_tensor(lr.array))
     axis = kspace_vdm.slice_axis(op)
-    target = torch.movedim(scale.to_unit(truth), axis, 0)[:, None].float()
+    target = torch.movedim(scale.to_prior(truth), axis, 0)[:, None].float()
     table = torch.linspace(-13.3, 5.0, 101).tolist()
     card = vdm_card("oracle", table, (3,), hr)
     prior = Prior(card, {"unet": _OracleEps(target, table[0], table[-1])})

@@ -71,7 +71,7 @@ def test_minimal_card_renders():
 
 
 def test_gate_update_rewrites_the_readme(tmp_path, monkeypatch):
-    from MRISuperResLib.bench.cli import GATE, GATE_TARGET_DB
+    from MRISuperResLib.bench.cli import GATE_TARGET_DB, gate_plan
     from MRISuperResLib.bench.report import update_cards
     from MRISuperResLib.priors import synthetic
 
@@ -81,7 +81,7 @@ def test_gate_update_rewrites_the_readme(tmp_path, monkeypatch):
     row = {"method": "inversesr-decoder", "case": "synthetic-1", "label": "x", "degradation": "slice-removal-8mm",
            "psnr_masked": 23.456, "ssim": 0.8, "seconds": 1.0, "baseline": "bspline", "prior": "card-ldm",
            "error": None, "delta_psnr_masked_db": 1.234, "baseline_psnr_masked": 22.222}
-    update_cards([row], {"command": "bench --gate", "machine": "m", "date": "d"}, GATE, GATE_TARGET_DB)
+    update_cards([row], {"command": "bench --gate", "machine": "m", "date": "d"}, gate_plan(), GATE_TARGET_DB)
     with open(os.path.join(folder, README_FILE)) as fh:
         text = fh.read()
     assert text == render_model_card(_card(os.path.join(folder, "model.json")))

@@ -16,13 +16,13 @@ from conftest import rotation, smooth_volume
 
 from MRISuperResLib import native
 from MRISuperResLib.errors import InputError
+from MRISuperResLib.orientation import orientation_code
 from MRISuperResLib.physics import OperatorSpec, hr_grid, lr_grid
 from MRISuperResLib.physics.resample import AffineResample
 from MRISuperResLib.pipeline import super_resolve
 from MRISuperResLib.priors import store, synthetic
-from MRISuperResLib.priors.networks import file_digest
+from MRISuperResLib.priors.folder import file_digest
 from MRISuperResLib.priors.reference import prior_grid, prior_reference
-from MRISuperResLib.priors.space import orientation_code
 from MRISuperResLib.progress import Progress
 from MRISuperResLib.volume import Grid, Volume, write_volume
 

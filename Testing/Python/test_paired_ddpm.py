@@ -7,7 +7,7 @@ from conftest import phantom
 from test_cli import cli
 from test_diffusion_parts import tiny_paired
 
-from MRISuperResLib.diffusion import cosine
+from MRISuperResLib.diffusion import cosine, paired_model
 from MRISuperResLib.diffusion.cards import write_prior
 from MRISuperResLib.errors import InputError
 from MRISuperResLib.physics import OperatorSpec
@@ -106,10 +106,10 @@ def test_a_prior_that_lost_to_its_baseline_on_the_gate_is_announced(prior):
 
 
 def test_conditioning_on_the_operator_changes_the_prediction(prior):
-    model = cosine.PairedModel.from_prior(prior)
+    model = paired_model.PairedModel.from_prior(prior)
     z = torch.randn(1, 1, 8, 8, 8)
-    a = model.eps(z, z, cosine.condition_vector("slice-removal", "gaussian", (1, 1, 2))[None], 500)
-    b = model.eps(z, z, cosine.condition_vector("kspace", "gaussian", (2, 2, 1))[None], 500)
+    a = model.eps(z, z, paired_model.condition_vector("slice-removal", "gaussian", (1, 1, 2))[None], 500)
+    b = model.eps(z, z, paired_model.condition_vector("kspace", "gaussian", (2, 2, 1))[None], 500)
     assert a.shape == z.shape and float((a - b).abs().max()) > 1e-4
 
 
@@ -166,7 +166,7 @@ class _OracleEps(torch.nn.Module):
 
     def forward(self, x, timesteps):
         ab = self.ab[timesteps.long()].view(-1, 1, 1, 1, 1)
-        assert x.shape[1] == 2 + len(cosine.CONDITION_NAMES)
+        assert x.shape[1] == 2 + len(paired_model.CONDITION_NAMES)
         return (x[:, :1] - ab.sqrt() * self.x0) / (1 - ab).sqrt()
 
 
@@ -174,7 +174,7 @@ class _OracleEps(torch.nn.Module):
 def test_sampler_with_an_oracle_model_recovers_the_truth(eta):
     # One window covers the volume, so the oracle sees the whole residual; the DDIM chain, the residual scaling
     # and the way back to input units must then give the truth, far above the B-spline baseline.
-    from MRISuperResLib.diffusion.intensity import robust_scale
+    from MRISuperResLib.intensity import robust_scale
     from MRISuperResLib.metrics import psnr
     from MRISuperResLib.priors.store import Prior
 
@@ -182,9 +182,9 @@ def test_sampler_with_an_oracle_model_recovers_the_truth(eta):
     truth = torch.as_tensor(phantom((16, 16, 16), 1) * 500.0, dtype=torch.float64)
     y = torch.as_tensor(lr.array)
     scale = robust_scale(y)
-    up = spec.bind_lr(lr.grid.shape).upsample(scale.to_unit(y), "cubic")
+    up = spec.bind_lr(lr.grid.shape).upsample(scale.to_prior(y), "cubic")
     card = tiny_paired(0, patch=(16, 16, 16))[0].card
-    x0 = ((scale.to_unit(truth.float()) - up) / card["paired"]["residual_scale"])[None, None]
+    x0 = ((scale.to_prior(truth.float()) - up) / card["paired"]["residual_scale"])[None, None]
     prior = Prior(card, {"unet": _OracleEps(x0, cosine.cosine_alpha_bar(1000))})
     out = _run(prior, lr, spec, steps=10, eta=eta, samples=2)
     base = super_resolve(lr, "bspline", spec, {}, None, device="cpu")
@@ -199,11 +199,11 @@ def test_sampler_with_an_oracle_model_recovers_the_truth(eta):
 
 def test_gpu_out_of_memory_halves_the_batch_then_says_what_to_do(prior, monkeypatch):
     """The network is made to fail like a full GPU whenever it gets more than `fits` patches at once."""
-    from MRISuperResLib.diffusion import cosine
+    from MRISuperResLib.diffusion import paired_model
     from MRISuperResLib.errors import ResourceError
 
     spec, lr = _lr()
-    real_eps = cosine.PairedModel.eps
+    real_eps = paired_model.PairedModel.eps
     fits = {"n": 2}
     sizes = []
 
@@ -213,7 +213,7 @@ def test_gpu_out_of_memory_halves_the_batch_then_says_what_to_do(prior, monkeypa
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_eps(self, z, up, cond, t)
 
-    monkeypatch.setattr(cosine.PairedModel, "eps", eps)
+    monkeypatch.setattr(paired_model.PairedModel, "eps", eps)
     events = []
     ref = _run(prior, lr, spec, batch=1, patch=8, overlap=0.0)
     sizes.clear()

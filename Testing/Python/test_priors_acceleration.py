@@ -9,7 +9,8 @@ from conftest import assert_same_to_float32_rounding
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from MRISuperResLib.priors import acceleration, budget, lowmem_norm, revolve, synthetic
+from MRISuperResLib.methods.inversesr import budget
+from MRISuperResLib.priors import acceleration, lowmem_norm, revolve, synthetic
 from MRISuperResLib.priors.ddim import ddim_timesteps
 from MRISuperResLib.priors.generator import LatentGenerator
 
@@ -135,7 +136,7 @@ def test_nested_checkpointing_has_the_plain_gradients_and_a_lower_peak(monkeypat
             x = gen.decode(zz)
             (x * x).sum().backward()
             del x
-        est = budget.estimate(prior.card, "inversesr-decoder", "cpu", 1, nested_checkpointing=nested)
+        est = budget.estimate(prior.card, "cpu", 1, nested_checkpointing=nested)
         out[nested] = (zz.grad, mem.peak, est.parts["decoder"], units)
     assert any(u0 < u1 for u0, u1 in out[True][3])  # the plan has groups
     assert torch.equal(out[True][0], out[False][0])  # same functions on the same inputs: same bits
@@ -150,10 +151,10 @@ def test_published_decoder_estimates_fall_with_low_memory_norm_and_nesting():
 
     card = ukbb.card()
     budget._THROUGHPUT.setdefault("cuda", 1e15)  # estimate() for CUDA without a GPU: only the memory is checked
-    plain = budget.estimate(card, "inversesr-decoder", "cuda", 1, profile=budget.network_profile(card, False, False))
+    plain = budget.estimate(card, "cuda", 1, profile=budget.network_profile(card, False, False))
     p = budget.network_profile(card, False)
-    low = budget.estimate(card, "inversesr-decoder", "cuda", 1, profile=p)
-    nested = budget.estimate(card, "inversesr-decoder", "cuda", 1, profile=p, nested_checkpointing=True)
+    low = budget.estimate(card, "cuda", 1, profile=p)
+    nested = budget.estimate(card, "cuda", 1, profile=p, nested_checkpointing=True)
     gb = 1e9
     assert 19 * gb < plain.memory_bytes < 22 * gb  # 20.3 GB, the estimate beside the 18.1 GB measured on an H200
     assert low.memory_bytes < 0.65 * plain.memory_bytes
@@ -323,7 +324,7 @@ def test_nested_checkpointing_and_channels_last_on_cuda():
 @pytest.mark.gpu
 @needs_cuda
 def test_profile_rows_per_accelerate_mode_on_cuda():
-    from MRISuperResLib.priors import profile
+    from MRISuperResLib.bench import profile
 
     for mode in ("off", "cuda-graphs"):
         row = profile.profile("inversesr-ldm", "cuda", shape=(16, 16, 16), iterations=3, card=synthetic.tiny_card(),

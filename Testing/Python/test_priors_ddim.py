@@ -28,7 +28,7 @@ def test_inversesr_chain():
     assert all(a - b == 22 for a, b in zip(ts, ts[1:]))
     assert ddim_timesteps(46) == ts  # the general rule reproduces the paper's chain
     ab = NoiseSchedule().alpha_bar()
-    pairs = ddim_pairs(ts, ab)
+    pairs = ddim_pairs(ts, ab, final_alpha_bar=float(ab[0]))
     assert pairs[-1] == (1, float(ab[1]), float(ab[0]))  # last alpha_prev is alpha_bar[0], not 1
     assert pairs[0][2] == float(ab[969])
 
@@ -66,7 +66,7 @@ def test_chain_with_oracle_noise_lands_on_the_clean_sample():
     x0, e = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
     ts = ddim_timesteps(20)
     z = math.sqrt(ab[ts[0]]) * x0 + math.sqrt(1 - ab[ts[0]]) * e
-    for _t, ab_t, ab_prev in ddim_pairs(ts, ab):
+    for _t, ab_t, ab_prev in ddim_pairs(ts, ab, final_alpha_bar=float(ab[0])):
         z = ddim_step(z, e, ab_t, ab_prev)
     assert torch.allclose(z, math.sqrt(ab[0]) * x0 + math.sqrt(1 - ab[0]) * e, atol=1e-10)
 

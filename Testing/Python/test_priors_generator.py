@@ -41,7 +41,7 @@ def test_chain_and_decoder_match_a_plain_loop(prior):
     with torch.no_grad():
         x = gen(z, c, ts)
         zz = z
-        for t, ab_t, ab_prev in ddim_pairs(ts, prior.schedule.alpha_bar()):
+        for t, ab_t, ab_prev in ddim_pairs(ts, prior.schedule.alpha_bar(), float(prior.schedule.alpha_bar()[0])):
             inp = torch.cat([zz, c.reshape(1, 4, 1, 1, 1).expand(1, 4, 8, 8, 8)], 1)
             eps = prior.unet(inp, torch.tensor([t]), context=c.reshape(1, 1, 4))
             zz = ddim_step(zz, eps, ab_t, ab_prev)

@@ -10,7 +10,8 @@ from conftest import assert_same_to_float32_rounding
 
 from MRISuperResLib.cli import main
 from MRISuperResLib.errors import InputError
-from MRISuperResLib.priors import networks, store, synthetic
+from MRISuperResLib.priors import folder as folders
+from MRISuperResLib.priors import store, synthetic
 from MRISuperResLib.priors.importer import import_model, remove_model
 
 old_nets = pytest.importorskip("generative.networks.nets")  # monai-generative 0.2.3, installed with --no-deps
@@ -51,8 +52,8 @@ def old_bundle(tmp_path_factory):
                                                                  % marker}))
     torch.save(ae.state_dict(), str(root / "models" / "autoencoder.pt"))
     torch.save(unet.state_dict(), str(root / "models" / "model.pt"))
-    md5 = {"autoencoder": networks.file_digest(str(root / "models" / "autoencoder.pt"), "md5"),
-           "unet": networks.file_digest(str(root / "models" / "model.pt"), "md5")}
+    md5 = {"autoencoder": folders.file_digest(str(root / "models" / "autoencoder.pt"), "md5"),
+           "unet": folders.file_digest(str(root / "models" / "model.pt"), "md5")}
     return {"root": root, "card": card, "md5": md5, "ae": ae, "unet": unet, "marker": marker}
 
 
@@ -69,7 +70,7 @@ def _same_outputs(prior, old):
 
 
 def test_old_layout_differs_and_is_converted(old_bundle):
-    new_unet = networks.build(old_bundle["card"]["networks"]["unet"], device="meta")
+    new_unet = folders.build(old_bundle["card"]["networks"]["unet"], device="meta")
     assert set(old_bundle["unet"].state_dict()) != set(new_unet.state_dict())  # the conversion is exercised
     card = import_model([str(old_bundle["root"])], published_card=old_bundle["card"], published_md5=old_bundle["md5"])
     assert card["name"] == "tiny-published"
@@ -79,7 +80,7 @@ def test_old_layout_differs_and_is_converted(old_bundle):
     folder = store.find_prior("tiny-published")
     assert sorted(os.listdir(folder)) == ["autoencoder.safetensors", "model.json", "unet.safetensors"]
     for spec in card["networks"].values():
-        assert spec["sha256"] == networks.file_digest(os.path.join(folder, spec["weights"]))
+        assert spec["sha256"] == folders.file_digest(os.path.join(folder, spec["weights"]))
 
 
 def test_two_files_and_zip(old_bundle, tmp_path):
@@ -166,7 +167,7 @@ def test_monai_core_layout_files(tmp_path):
     paths = [str(tmp_path / "autoencoder.pth"), str(tmp_path / "diffusion_model.pth")]
     torch.save(prior.autoencoder.state_dict(), paths[0])
     torch.save(prior.unet.state_dict(), paths[1])
-    md5 = {"autoencoder": networks.file_digest(paths[0], "md5"), "unet": networks.file_digest(paths[1], "md5")}
+    md5 = {"autoencoder": folders.file_digest(paths[0], "md5"), "unet": folders.file_digest(paths[1], "md5")}
     import_model(paths, published_card=card, published_md5=md5)
     got = store.load_prior("core-layout")
     z, x = torch.randn(1, 3, 8, 8, 8), torch.randn(1, 7, 8, 8, 8)

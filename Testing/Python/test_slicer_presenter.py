@@ -38,6 +38,23 @@ def _state(**kw):
     return P.PanelState(**base)
 
 
+def test_a_method_below_its_baseline_with_the_default_prior_is_marked_and_explained():
+    warning = "On its quality gate, prior 'synth' scored 2.5 dB below bspline."
+    methods = METHODS + camelKeys([{"name": "decoder", "title": "InverseSR (Decoder)", "description": "Decoder.",
+                                    "generative": True, "needs_prior": "ldm", "settings": [],
+                                    "below_baseline_with_default_prior": {"cpu": warning, "cuda": None}}])
+    view = P.present(_state(methods=methods, method="decoder", models=[LDM]))
+    assert dict(view.methodItems)["decoder"] == "InverseSR (Decoder) (needs the published prior)"
+    assert dict(view.methodItems)["inverse"] == "InverseSR"
+    assert warning in view.methodDescription and "Import model" in view.methodDescription
+    assert view.applyEnabled  # still the user's choice
+    # a prior of the user's own, or a GPU whose default prior passed: no warning
+    assert warning not in P.present(_state(methods=methods, method="decoder", models=[LDM],
+                                           model="brain_ldm")).methodDescription
+    on_gpu = P.present(_state(methods=methods, method="decoder", models=[LDM], devices=[{"name": "cuda:0"}]))
+    assert warning not in on_gpu.methodDescription
+
+
 def test_ready_state_enables_apply():
     view = P.present(_state())
     assert view.applyEnabled and view.applyText == "Apply" and view.problems == []

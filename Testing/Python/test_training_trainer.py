@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from MRISuperResLib.errors import InputError, UserError
+from MRISuperResLib.priors.folder import CARD_FILE, file_digest, load_network, read_card
 from MRISuperResLib.training.autoencoder import AutoencoderTask
-from MRISuperResLib.training.export import CARD, load_network, read_card, sha256_of
 from MRISuperResLib.training.ldm import LDMTask, alphas_cumprod, default_unet
 from MRISuperResLib.training.trainer import CHECKPOINT, LOG_FILE, TrainConfig, Trainer, load_checkpoint, read_run
 
@@ -109,9 +109,9 @@ def test_export_card_matches_files_and_loads_back(tmp_path):
     write_run(folder, "autoencoder", trainer.task.options, trainer.config)
     out = str(tmp_path / "prior")
     card = export_run(trainer.task, folder, out, "tiny", eval_count=1)
-    assert card == read_card(out)
+    assert card == read_card(out, autoencoder=True)
     entry = card["networks"]["autoencoder"]
-    assert entry["sha256"] == sha256_of(os.path.join(out, entry["weights"]))
+    assert entry["sha256"] == file_digest(os.path.join(out, entry["weights"]))
     assert card["training"]["steps"] == 2 and card["training"]["held_out_metrics"]["heldout_count"] == 1
     grid = trainer.task.synth.grid()
     assert card["grid"] == {"shape": [16, 16, 16], "spacing": [4.0, 4.0, 4.0], "orientation": "LAS",
@@ -123,14 +123,14 @@ def test_export_card_matches_files_and_loads_back(tmp_path):
     back = prior_grid(card)
     assert back.shape == grid.shape and np.allclose(back.origin, grid.origin, atol=1e-6)
     assert np.allclose(back.direction, grid.direction, atol=1e-9)
-    net = load_network(out, entry)
+    net = load_network(out, card, "autoencoder")
     ref = trainer.task.ae.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
     with open(os.path.join(out, entry["weights"]), "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\0\0\0\1")
     with pytest.raises(InputError, match="checksum"):
-        load_network(out, entry)
+        load_network(out, card, "autoencoder")
 
 
 def test_schedule_is_the_published_scaled_linear_one():
@@ -198,7 +198,7 @@ def test_cli_train_resume_export(tmp_path, capsys):
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert events[-1]["event"] == "result" and events[-1]["finished"] and events[-1]["step"] == 3
     assert any(e["event"] == "progress" for e in events)
-    card = read_card(out)
+    card = read_card(out, autoencoder=True)
     assert card["kind"] == "ldm" and set(card["networks"]) == {"autoencoder", "unet"}
     assert "--resume" in card["training"]["command"] and card["training"]["steps"] == 3
     # The card says how its autoencoder was trained and how well it reconstructs held-out brains.
@@ -213,13 +213,13 @@ def test_cli_train_resume_export(tmp_path, capsys):
     assert autoencoder_provenance(out) == card["training"]["autoencoder"]
     older = tmp_path / "older"  # an LDM card written before the record existed: say so, do not guess
     older.mkdir()
-    (older / CARD).write_text(json.dumps(dict(card, training={k: v for k, v in card["training"].items()
+    (older / CARD_FILE).write_text(json.dumps(dict(card, training={k: v for k, v in card["training"].items()
                                                               if k != "autoencoder"})))
     assert "does not record" in autoencoder_provenance(str(older))["note"]
-    for entry in card["networks"].values():
-        assert sha256_of(os.path.join(out, entry["weights"])) == entry["sha256"]
-        load_network(out, entry)
-    assert os.path.exists(os.path.join(out, CARD))
+    for role, entry in card["networks"].items():
+        assert file_digest(os.path.join(out, entry["weights"])) == entry["sha256"]
+        load_network(out, card, role)
+    assert os.path.exists(os.path.join(out, CARD_FILE))
     # The prior store (what the methods use) accepts the exported folder as an LDM prior.
     from MRISuperResLib.priors.store import load_prior
 
@@ -331,7 +331,7 @@ def test_weight_average_follows_its_formula_survives_resume_and_is_exported(tmp_
     # Export writes the average, and the card says so.
     write_run(folder, "autoencoder", resumed.task.options, cfg2)
     card = export_run(resumed.task, folder, str(tmp_path / "prior"), "tiny", eval_count=0)
-    net = load_network(str(tmp_path / "prior"), card["networks"]["autoencoder"])
+    net = load_network(str(tmp_path / "prior"), card, "autoencoder")
     assert all(torch.equal(v, a[k]) for k, v in net.state_dict().items())
     assert "average" in card["training"]["weights"] and card["training"]["train"]["ema"] == 0.5
     with pytest.raises(UserError, match="--ema"):
@@ -340,7 +340,7 @@ def test_weight_average_follows_its_formula_survives_resume_and_is_exported(tmp_
 
 def test_worker_processes_draw_the_same_batches_as_the_training_process(tmp_path):
     """--workers changes where batches are drawn, not what the run learns: same draws, same steps."""
-    from MRISuperResLib.diffusion.cosine import default_unet as paired_unet
+    from MRISuperResLib.diffusion.paired_model import default_unet as paired_unet
     from MRISuperResLib.training.paired import PairedTask
 
     opts = PairedTask.default_options(synth=TINY_SYNTH, network=paired_unet((8, 16)), patch=(8, 8, 8), margin=2,
@@ -390,7 +390,7 @@ def test_init_from_a_prior_starts_a_new_run_with_its_network(tmp_path, capsys):
     base = ["--grid", "32", "32", "32", "--crop", "16", "--batch-size", "2", "--threads", "1", "--device", "cpu"]
     assert main(["train", "vdm", "--run-dir", first, "--steps", "2", "--channels", "8", "16", "--norm-groups", "4",
                  "--export", prior, "--eval-count", "1", "--lr", "0.01"] + base) == 0
-    card = read_card(prior)
+    card = read_card(prior, autoencoder=True)
     second = str(tmp_path / "second")
     # no --channels: the architecture is the prior's, not the default 32-64-64
     assert main(["train", "vdm", "--run-dir", second, "--steps", "1", "--lr", "1e-12", "--init-from", prior] + base) == 0
@@ -404,7 +404,7 @@ def test_init_from_a_prior_starts_a_new_run_with_its_network(tmp_path, capsys):
     start = load_checkpoint(second)  # one step at a vanishing learning rate: still the prior's weights
     assert start["step"] == 1
     task.unet.load_state_dict(start["modules"]["unet"])
-    ref = load_network(prior, card["networks"]["unet"])
+    ref = load_network(prior, card, "unet")
     for (k, a), (k2, b) in zip(sorted(task.unet.state_dict().items()), sorted(ref.state_dict().items())):
         assert k == k2 and torch.allclose(a, b, atol=1e-8)
     task.gamma.load_state_dict(start["modules"]["gamma"])
@@ -413,7 +413,7 @@ def test_init_from_a_prior_starts_a_new_run_with_its_network(tmp_path, capsys):
     assert table[-1] == pytest.approx(card["vdm"]["gamma_table"][-1], abs=1e-4)
     again = str(tmp_path / "again")
     assert main(["train", "export", "--run-dir", second, "--out", again, "--eval-count", "0", "--device", "cpu"]) == 0
-    rec = read_card(again)["training"]
+    rec = read_card(again, autoencoder=True)["training"]
     assert rec["init_from"]["prior"] == "prior" and rec["init_from"]["steps"] == 2 and rec["steps"] == 1
     assert "--init-from" in rec["command"] and "init_from" not in rec["options"]
     # a wrong kind of prior, --init-from with --resume, and a tampered weight file are clear errors
@@ -436,7 +436,7 @@ def test_an_exported_autoencoder_starts_a_new_autoencoder_run(tmp_path, capsys):
     base = ["--grid", "32", "32", "32", "--patch", "16", "16", "16", "--threads", "1", "--device", "cpu"]
     assert main(["train", "autoencoder", "--run-dir", first, "--steps", "2", "--channels", "4", "8",
                  "--norm-groups", "4", "--export", prior, "--eval-count", "1", "--lr", "0.01"] + base) == 0
-    card = read_card(prior)
+    card = read_card(prior, autoencoder=True)
     assert card["kind"] == "autoencoder"
     assert main(["train", "autoencoder", "--run-dir", second, "--steps", "1", "--lr", "1e-12", "--batch-size", "2",
                  "--init-from", prior] + base) == 0
@@ -444,7 +444,7 @@ def test_an_exported_autoencoder_starts_a_new_autoencoder_run(tmp_path, capsys):
     run2 = read_run(second)
     assert run2["options"]["network"]["channels"] == [4, 8] and run2["options"]["batch_size"] == 2
     start = load_checkpoint(second)["modules"]["autoencoder"]
-    ref = load_network(prior, card["networks"]["autoencoder"]).state_dict()
+    ref = load_network(prior, card, "autoencoder").state_dict()
     assert sorted(start) == sorted(ref)
     assert all(torch.allclose(start[k], ref[k], atol=1e-8) for k in ref)
     # an autoencoder prior holds no UNet: `train ldm` cannot start from it

@@ -20,20 +20,91 @@ prior's field of view.
    the squared error of their mean is at most the guesses' average squared error, less by their variance.
 """
 
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
 import torch
 
-from ..errors import InputError, ResourceError, UserError
-from ..methods.registry import SolveResult
-from . import acceleration, budget
-from .ddim import ddim_timesteps
-from .generator import LatentGenerator
-from .space import CropPad, IntensityMap, shape_of
+from ...errors import InputError, ResourceError, UserError
+from ...intensity import card_map
+from ...priors import acceleration
+from ...priors.ddim import ddim_timesteps
+from ...priors.generator import LatentGenerator
+from ...settings import SEED, Setting, SolveResult
+from . import budget
 
 PERCEPTUAL_BLOCKS = 2
 LONG_RUN_S = 3600.0
 
 
-def check_prior(prior, method: str):
+# ---- P: the HR grid <-> the prior's grid ----
+#
+# The input is assumed to be in the prior's space already (MNI-aligned, same voxel size), with any size and field of
+# view (native.py brings it there otherwise). Per axis the two grids are centre-aligned: with d = n_hr - n_prior,
+#     d >= 0 (crop): prior[0:n_prior]          <-> hr[d//2 : d//2 + n_prior]
+#     d <  0 (pad):  prior[-d//2 : -d//2 + n_hr] <-> hr[0:n_hr]
+# HR voxels outside the prior's field of view keep a fill (the interpolated input).
+
+
+@dataclass(frozen=True)
+class CropPad:
+    hr_shape: Tuple[int, int, int]
+    prior_shape: Tuple[int, int, int]
+
+    def _slices(self):
+        hr, pr = [], []
+        for n, p in zip(self.hr_shape, self.prior_shape):
+            d = int(n) - int(p)
+            if d >= 0:
+                hr.append(slice(d // 2, d // 2 + p))
+                pr.append(slice(0, p))
+            else:
+                hr.append(slice(0, n))
+                pr.append(slice((-d) // 2, (-d) // 2 + n))
+        return tuple(hr), tuple(pr)
+
+    @property
+    def identity(self) -> bool:
+        return tuple(self.hr_shape) == tuple(self.prior_shape)
+
+    def covered_fraction(self) -> float:
+        """Share of HR voxels inside the prior's field of view."""
+        hr, _ = self._slices()
+        inside = 1
+        for s in hr:
+            inside *= s.stop - s.start
+        total = 1
+        for n in self.hr_shape:
+            total *= n
+        return inside / total
+
+    def to_prior(self, x: torch.Tensor, background: float = 0.0) -> torch.Tensor:
+        """(..., n_hr) -> (..., n_prior): crop, pad with `background`."""
+        if self.identity:
+            return x
+        hr, pr = self._slices()
+        out = x.new_full(tuple(x.shape[:-3]) + tuple(self.prior_shape), float(background))
+        out[(Ellipsis,) + pr] = x[(Ellipsis,) + hr]
+        return out
+
+    def to_hr(self, x: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        """(..., n_prior) -> (..., n_hr): the prior's voxels where it covers the HR grid, `fill` elsewhere."""
+        if self.identity:
+            return x
+        hr, pr = self._slices()
+        out = fill.to(x.dtype).expand(tuple(x.shape[:-3]) + tuple(self.hr_shape)).clone()
+        out[(Ellipsis,) + hr] = x[(Ellipsis,) + pr]
+        return out
+
+
+def shape_of(seq: Sequence[int]) -> Tuple[int, int, int]:
+    return tuple(int(s) for s in seq)
+
+
+# ---- the fit ----
+
+
+def check_prior(prior, method: str, chain: bool):
     if prior is None:
         raise UserError("Method %s needs a latent diffusion prior, and none was given." % method,
                         "Pass --model NAME or PATH (see `python -m MRISuperResLib models list`).")
@@ -41,19 +112,21 @@ def check_prior(prior, method: str):
         raise InputError("Method %s needs a latent diffusion ('ldm') prior; '%s' is a %s prior."
                          % (method, getattr(prior, "name", prior), getattr(prior, "kind", "unknown")),
                          "Choose an ldm prior (see `models list`).")
-    if method == "inversesr-ldm" and prior.schedule.prediction != "epsilon":
+    if chain and prior.schedule.prediction != "epsilon":
         raise InputError("Prior '%s' predicts '%s'; the InverseSR DDIM chain needs a noise ('epsilon') predictor."
                          % (prior.name, prior.schedule.prediction), "Use an ldm prior trained with epsilon prediction.")
-    if method == "inversesr-ldm" and prior.unet is None:
-        raise InputError("Prior '%s' has no diffusion UNet, which inversesr-ldm needs." % prior.name,
+    if chain and prior.unet is None:
+        raise InputError("Prior '%s' has no diffusion UNet, which %s needs." % (prior.name, method),
                          "Use inversesr-decoder, or an ldm prior with a UNet.")
 
 
-def run(mode: str, y, physics, prior, settings, progress, generator) -> SolveResult:
-    """mode: "inversesr-decoder" or "inversesr-ldm". Falls back to the CPU when the GPU runs out of memory."""
-    check_prior(prior, mode)
+def run(method: str, y, physics, prior, settings, progress, generator, chain: bool) -> SolveResult:
+    """The fit of `method` (its name is for messages). chain: the generator runs the DDIM chain before the decoder
+    (InverseSR(LDM): the variables are z_T and c), else it is the decoder alone (InverseSR(Decoder): z_0).
+    Falls back to the CPU when the GPU runs out of memory."""
+    check_prior(prior, method, chain)
     try:
-        return _run(mode, y, physics, prior, settings, progress, generator)
+        return _run(method, chain, y, physics, prior, settings, progress, generator)
     except torch.cuda.OutOfMemoryError:
         if y.device.type != "cuda":
             raise
@@ -62,20 +135,20 @@ def run(mode: str, y, physics, prior, settings, progress, generator) -> SolveRes
                          % torch.cuda.get_device_name(y.device))
         prior.to("cpu")
         torch.cuda.empty_cache()
-        result = _run(mode, y.to("cpu"), physics, prior, settings, progress, generator)
+        result = _run(method, chain, y.to("cpu"), physics, prior, settings, progress, generator)
         result.info["device_fallback"] = "cpu"
         return result
 
 
-def _estimate(mode, prior, settings, device):
+def _estimate(method, prior, settings, device):
     """(estimate, nested): nested_checkpointing=auto turns it on only when the run would not fit without it."""
     def estimate(nested):
-        return budget.estimate(prior.card, mode, device, settings["iterations"] * settings.get("samples", 1),
+        return budget.estimate(prior.card, device, settings["iterations"] * settings.get("samples", 1),
                                settings.get("ddim_steps", 0), settings.get("checkpointing", True),
                                weights_resident=prior.device == device, nested_checkpointing=nested,
                                accelerate=acceleration.resolve(settings.get("accelerate", "off"), device))
 
-    what, choice = "%s with prior '%s'" % (mode, prior.name), settings.get("nested_checkpointing", "off")
+    what, choice = "%s with prior '%s'" % (method, prior.name), settings.get("nested_checkpointing", "off")
     nested = choice == "on"
     est = estimate(nested)
     if choice == "auto" and settings.get("checkpointing", True):
@@ -96,10 +169,10 @@ def _check_starts(settings) -> int:
     return n
 
 
-def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
+def _run(method, chain, y, physics, prior, settings, progress, generator) -> SolveResult:
     n_samples = _check_starts(settings)
     dev = y.device
-    est, nested = _estimate(mode, prior, settings, dev)
+    est, nested = _estimate(method, prior, settings, dev)
     progress(0, settings["iterations"] * n_samples, "estimated %s%s" % (
         est.describe(), ", with nested checkpointing of the decoder" if nested else ""))
     if est.total_seconds > LONG_RUN_S:
@@ -116,12 +189,12 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
                          "should be in the prior's space (%s, %s mm)." % (
                              100 * crop.covered_fraction(), "x".join(map(str, crop.prior_shape)),
                              card["grid"].get("space", "its space"), card["grid"].get("spacing", "?")))
-    imap = IntensityMap.fit(y, card.get("intensity") or {})
+    imap = card_map(y, card.get("intensity") or {})
     y_n = imap.to_prior(y.float())
     fill = physics.upsample(y_n, "cubic")
     background = float(imap.r0)
     timesteps = None
-    if mode == "inversesr-ldm":
+    if chain:
         timesteps = ddim_timesteps(settings["ddim_steps"], prior.schedule.num_train_timesteps,
                                    strength=settings.get("strength", 1.0))
         if settings.get("strength", 1.0) < 1.0 and settings.get("init", "random") == "random":
@@ -148,7 +221,7 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
     mean = m2 = None
     loss_value, conds = float("nan"), []
     for s in range(n_samples):
-        z, cond, synth = _start(mode, gen, settings, encoded, timesteps, generator, dev)
+        z, cond, synth = _start(chain, gen, settings, encoded, timesteps, generator, dev)
         loss_value = _fit(z, cond, synth, to_hr, physics, y_n, settings, encoder_feats, target_feats, progress,
                           s, n_samples)
         with torch.no_grad():
@@ -175,11 +248,11 @@ def _run(mode, y, physics, prior, settings, progress, generator) -> SolveResult:
     return SolveResult(mean, extras, info)
 
 
-def _start(mode, gen, settings, encoded, timesteps, generator, dev):
+def _start(chain, gen, settings, encoded, timesteps, generator, dev):
     """Step 2: the variables of one sample and the function that makes its image."""
     shape = (1,) + gen.latent_shape
     init = settings.get("init", "random")
-    if mode == "inversesr-decoder":
+    if not chain:
         z = encoded.clone() if init == "encode" else torch.randn(shape, generator=generator).to(dev)
         z.requires_grad_(True)
         return z, None, lambda: gen.decode(z)
@@ -246,8 +319,6 @@ def _perceptual(gen: LatentGenerator, crop: CropPad, background: float):
 
 
 def common_settings(iterations: int, lr: float) -> list:
-    from ..methods.registry import SEED, Setting
-
     return [
         Setting("iterations", "int", iterations, "Optimisation steps (the paper: 601).", min=1, max=100000),
         Setting("lr", "float", lr, "Adam learning rate (the paper: 0.07).", min=1e-6, max=10.0),
@@ -266,8 +337,8 @@ def common_settings(iterations: int, lr: float) -> list:
                 "same gradients, less memory (published prior: about 3 GB less on a GPU, 6 GB on the CPU), about "
                 "20% more decoder compute. 'auto' turns it on only when the run would not fit in memory without it.",
                 choices=("auto", "on", "off")),
-        Setting("channels_last", "bool", False, "Run the networks' 3D convolutions in channels-last (NDHWC) "
-                "layout, which GPU convolution kernels may prefer; same values."),
+        Setting("channels_last", "bool", False, "Run the networks' 3D convolutions and their inputs in channels-last "
+                "(NDHWC) layout, which GPU convolution kernels may prefer (on the CPU the weights already are); same "
+                "values."),
         SEED,
     ]
-

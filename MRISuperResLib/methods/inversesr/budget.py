@@ -10,10 +10,10 @@ Formula (documented, measured on the architecture itself, never on real data):
        without checkpointing: sum_b S_b + 2 max_b O_b
        ldm adds max(decoder, S_unet + 2 O_unet) instead of decoder alone (backward visits one at a time), or
        their sum with accelerate=cuda-graphs (the captured step's memory pool stays allocated).
-       With nested checkpointing (revolve.py) sum_b O_b becomes the kept unit outputs plus the largest group's
+       With nested checkpointing (priors/revolve.py) sum_b O_b becomes the kept unit outputs plus the largest group's
        inner states, and the groups' inner segments are computed once more (their FLOPs added to the time).
    Under bf16 autocast (CUDA) convolutions save bf16 but norms and attention keep fp32: 3 bytes per element;
-   the decoder with its low-memory GroupNorms (lowmem_norm.py) saves bf16 only: 2 bytes per element.
+   the decoder with its low-memory GroupNorms (priors/lowmem_norm.py) saves bf16 only: 2 bytes per element.
 3. Time per iteration = (forward + recompute + backward ~ 4 F) / throughput, the throughput measured once per
    device with a small 3D convolution. Full size, the published decoder saves about 36 GB without
    checkpointing (34 GB measured in FACTS.md) and costs 15 TFLOP forward.
@@ -26,11 +26,12 @@ from typing import Dict, Optional
 
 import torch
 
-from .. import memory
-from ..errors import ResourceError
-from . import networks, revolve
-from .generator import decoder_segments
-from .revolve import meta_pass as _meta_pass
+from ... import memory
+from ...errors import ResourceError
+from ...priors import revolve
+from ...priors.folder import build, count_parameters
+from ...priors.generator import decoder_segments
+from ...priors.revolve import meta_pass as _meta_pass
 
 GB = 1e9
 _THROUGHPUT: Dict[str, float] = {}
@@ -72,18 +73,18 @@ def duration(s: float) -> str:
 
 def network_profile(card: dict, with_unet: bool, low_memory_norm: bool = True) -> dict:
     """Bytes and FLOPs of the card's decoder (per block) and, optionally, one UNet step; fp32, batch 1."""
-    ae = networks.build(card["networks"]["autoencoder"], device="meta")
+    ae = build(card["networks"]["autoencoder"], device="meta")
     lat = [int(s) for s in card["latent"]["shape"]]
     state = (torch.zeros([1] + lat, device="meta", requires_grad=True),)
     segs = revolve.profile(decoder_segments(ae, low_memory_norm), state, list(ae.parameters()))
     blocks_saved, blocks_out = segs["saved"], segs["out"]  # out: new tensors only
     prof = {"decoder_saved": float(sum(blocks_saved)), "decoder_block_max": float(max(blocks_saved)),
             "decoder_boundaries": float(sum(blocks_out)), "decoder_out_max": float(max(blocks_out)),
-            "decoder_flops": float(sum(segs["flops"])), "autoencoder_weights": float(4 * networks.count_parameters(ae)),
+            "decoder_flops": float(sum(segs["flops"])), "autoencoder_weights": float(4 * count_parameters(ae)),
             "decoder_segments": segs, "decoder_low_memory_norm": low_memory_norm,
             "unet_saved": 0.0, "unet_out": 0.0, "unet_flops": 0.0, "unet_weights": 0.0}
     if with_unet:
-        unet = networks.build(card["networks"]["unet"], device="meta")
+        unet = build(card["networks"]["unet"], device="meta")
         cin = int(card["networks"]["unet"]["kwargs"].get("in_channels", lat[0]))
         cond = card.get("conditioning")
         ctx = torch.zeros(1, 1, len(cond["names"]), device="meta") if cond and cond.get("as_context", True) else None
@@ -91,7 +92,7 @@ def network_profile(card: dict, with_unet: bool, low_memory_norm: bool = True) -
         t = torch.zeros(1, dtype=torch.long, device="meta")
         s, out, f = _meta_pass(lambda: unet(x, t, context=ctx), list(unet.parameters()))
         prof.update(unet_saved=float(s), unet_out=float(out.numel() * 4), unet_flops=float(f),
-                    unet_weights=float(4 * networks.count_parameters(unet)))
+                    unet_weights=float(4 * count_parameters(unet)))
     return prof
 
 
@@ -118,13 +119,17 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def estimate(card: dict, method: str, device, iterations: int, ddim_steps: int = 0, checkpointing: bool = True,
+def estimate(card: dict, device, iterations: int, ddim_steps: int = 0, checkpointing: bool = True,
              weights_resident: bool = True, profile: Optional[dict] = None, nested_checkpointing: bool = False,
              accelerate: str = "off") -> Estimate:
-    """Estimate one run (see the module docstring); `weights_resident`: the prior is already on `device`;
-    accelerate: the mode acceleration.resolve gives for `device` ("cuda-graphs" keeps a step's memory)."""
+    """Estimate one run (see the module docstring); `weights_resident`: the prior is already on `device`.
+
+    ddim_steps: steps of the DDIM chain the generator runs before its decoder (inversesr-ldm); 0: the decoder alone.
+    nested_checkpointing: priors/revolve.py over the decoder; accelerate: the mode acceleration.resolve gives for
+    `device` ("cuda-graphs" keeps a captured step's memory beside the decoder's).
+    """
     device = torch.device(device)
-    uses_unet = method == "inversesr-ldm"
+    uses_unet = ddim_steps > 0
     p = profile or network_profile(card, uses_unet)
     scale = 0.75 if device.type == "cuda" else 1.0  # bf16 autocast: 3 of 4 bytes per saved element
     dec_scale = 0.5 if device.type == "cuda" and p.get("decoder_low_memory_norm") else scale

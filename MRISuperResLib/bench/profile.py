@@ -2,7 +2,7 @@
 
 `profile` builds the prior's architecture (default: the published UK Biobank LDM) with random weights, so no
 download is needed, runs a few real iterations of the method on a synthetic slice-removal input and reports
-the measurement next to the estimate of budget.py (the benchmark command shows both).
+the measurement next to the estimate of methods/inversesr/budget.py (`bench --profile` shows both).
 """
 
 import resource
@@ -12,9 +12,10 @@ from typing import Optional, Sequence
 import torch
 
 from ..methods import get_method
+from ..methods.inversesr import budget
 from ..physics import OperatorSpec
+from ..priors import synthetic, ukbb
 from ..progress import Progress
-from . import budget, synthetic, ukbb
 
 
 def profile(method: str, device="cpu", shape: Optional[Sequence[int]] = None, iterations: int = 3,
@@ -36,7 +37,7 @@ def profile(method: str, device="cpu", shape: Optional[Sequence[int]] = None, it
     gen = torch.Generator().manual_seed(seed)
     y = op.forward(torch.rand(hr_shape, generator=gen)).to(dev)
     overrides = dict(settings or {}, iterations=iterations)
-    if ddim_steps is not None and method == "inversesr-ldm":
+    if ddim_steps is not None and any(s.name == "ddim_steps" for s in m.settings):
         overrides["ddim_steps"] = ddim_steps
     resolved = m.resolve_settings(overrides, prior.method_defaults(method, dev.type))
     resolved["iterations"] = iterations

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from MRISuperResLib.bench import profile
 from MRISuperResLib.errors import ResourceError
-from MRISuperResLib.priors import budget, profile, synthetic, ukbb
+from MRISuperResLib.methods.inversesr import budget
+from MRISuperResLib.priors import synthetic, ukbb
 
 
 def test_published_decoder_estimate_matches_the_measured_order():
@@ -15,15 +17,15 @@ def test_published_decoder_estimate_matches_the_measured_order():
     p = budget.network_profile(ukbb.card(), with_unet=False)
     assert p["decoder_saved"] < 0.8 * eager["decoder_saved"] and p["decoder_flops"] == eager["decoder_flops"]
     assert 10e12 < p["decoder_flops"] < 20e12
-    est = budget.estimate(ukbb.card(), "inversesr-decoder", "cpu", 601, profile=p)
+    est = budget.estimate(ukbb.card(), "cpu", 601, profile=p)
     assert est.memory_bytes < p["decoder_saved"]  # per-block checkpointing saves memory
-    plain = budget.estimate(ukbb.card(), "inversesr-decoder", "cpu", 601, checkpointing=False, profile=p)
+    plain = budget.estimate(ukbb.card(), "cpu", 601, checkpointing=False, profile=p)
     assert plain.memory_bytes > est.memory_bytes and plain.seconds_per_iteration < est.seconds_per_iteration
 
 
 def test_published_prior_is_refused_on_a_small_cpu():
     p = budget.network_profile(ukbb.card(), with_unet=False)
-    est = budget.estimate(ukbb.card(), "inversesr-decoder", "cpu", 601, profile=p)
+    est = budget.estimate(ukbb.card(), "cpu", 601, profile=p)
     with pytest.raises(ResourceError) as exc:
         budget.check_fits(est, "inversesr-decoder with prior 'ukbb-brain-ldm'", available=16e9)
     msg = str(exc.value)
@@ -36,11 +38,11 @@ def test_ldm_estimate_counts_one_unet_step_with_checkpointing():
     card = synthetic.tiny_card()
     p = budget.network_profile(card, with_unet=True)
     assert p["unet_saved"] > 0 and p["unet_flops"] > 0
-    a = budget.estimate(card, "inversesr-ldm", "cpu", 10, ddim_steps=10, profile=p)
-    b = budget.estimate(card, "inversesr-ldm", "cpu", 10, ddim_steps=40, profile=p)
+    a = budget.estimate(card, "cpu", 10, ddim_steps=10, profile=p)
+    b = budget.estimate(card, "cpu", 10, ddim_steps=40, profile=p)
     assert a.memory_bytes == b.memory_bytes  # memory does not grow with the chain
     assert b.seconds_per_iteration > a.seconds_per_iteration
-    c = budget.estimate(card, "inversesr-ldm", "cpu", 10, ddim_steps=40, checkpointing=False, profile=p)
+    c = budget.estimate(card, "cpu", 10, ddim_steps=40, checkpointing=False, profile=p)
     assert c.memory_bytes > b.memory_bytes
     assert a.total_seconds == pytest.approx(10 * a.seconds_per_iteration)
 
