@@ -23,6 +23,7 @@ CONFIGS = [  # (name, fused attention, freed heap kept, channels-last layout on 
     ("fused attention", True, False, False),
     ("kept heap", False, True, False),
     ("channels last", False, False, True),
+    ("all but channels last", True, True, False),  # what channels-last adds on top of the others
     ("all (default)", True, True, True),
 ]
 

@@ -24,6 +24,7 @@ import torch
 
 from ..diffusion.adapt import ScanPairs, adapt, why_not_adaptable
 from ..diffusion.cosine import sampling_pairs
+from ..diffusion.noise import sample_noise
 from ..diffusion.paired_model import PairedModel, condition_of
 from ..diffusion.patches import sliding_window
 from ..errors import InputError, ResourceError
@@ -40,8 +41,13 @@ SETTINGS = [
     Setting("steps", "int", 20, "DDIM sampling steps.", min=1, max=1000),
     Setting("eta", "float", 0.0, "DDIM stochasticity (0: deterministic given the seed, 1: DDPM-like).",
             min=0.0, max=1.0),
-    Setting("samples", "int", 1, "Independent samples; the output is their mean, their std the uncertainty.",
+    Setting("samples", "int", 1, "Samples; the output is their mean, their std the uncertainty map.",
             min=1, max=64),
+    # Measured on two held-out tuning heads at 8 mm (T1- and T2-like): 4 samples in pairs scored above 12
+    # independent ones in PSNR and SSIM, at a third of the cost (diffusion/noise.py says why).
+    Setting("antithetic", "bool", True, "Draw the samples' noise in opposite pairs (z, -z): the mean then cancels "
+            "most of the sampling noise, so 4 paired samples do better than 12 independent ones. Each sample is "
+            "still a valid draw, so their spread is still the uncertainty map; turn it off for independent samples."),
     Setting("mean_start", "bool", False, "Start from the noise's mean (zero) instead of a random draw: "
             "deterministic, and with steps=1 the model's estimate of the conditional mean: near the average of many "
             "random samples (a little lower PSNR and SSIM) at the cost of one. One estimate, so no uncertainty map."),
@@ -189,7 +195,7 @@ def solve(y, physics, prior, settings, progress, generator):
     hr = (n_samples, 1) + tuple(physics.hr_shape)
 
     def randn(shape):
-        return torch.randn(shape, generator=generator).to(dev, dtype)
+        return sample_noise(shape, generator, bool(settings.get("antithetic")), dev, dtype)
 
     with torch.no_grad():  # sampling only: nothing here is differentiated
         yn = scale.to_prior(y.to(dtype))

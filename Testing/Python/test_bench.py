@@ -61,10 +61,10 @@ def test_whole_brain_case_is_the_template_at_the_size_of_a_clinical_1mm_volume()
 
     (case,) = resolve_cases(["mni152-181"])
     vol, full = case.load(), mni152_example()
-    assert vol.grid.shape == (181, 217, 180) and vol.grid.spacing == full.grid.spacing
+    assert vol.grid.shape == (181, 217, 181) and vol.grid.spacing == full.grid.spacing
     # a centre cut of the template itself: the voxel at its first index sits where the template has it
     lo = (np.asarray(full.grid.shape) - np.asarray(vol.grid.shape)) // 2
-    assert np.array_equal(vol.array, full.array[lo[0]:lo[0] + 181, lo[1]:lo[1] + 217, lo[2]:lo[2] + 180])
+    assert np.array_equal(vol.array, full.array[lo[0]:lo[0] + 181, lo[1]:lo[1] + 217, lo[2]:lo[2] + 181])
     assert np.allclose(vol.grid.index_to_physical((0, 0, 0)), full.grid.index_to_physical(lo), atol=1e-6)
 
 
@@ -163,12 +163,19 @@ def test_speedups_are_measured_against_the_plain_run_and_keep_the_result(tmp_pat
     assert table.count("\n") == 3 and "| all (default) | yes | yes | yes |" in table
 
 
-def test_a_case_whose_size_the_factor_does_not_divide_is_reported_not_a_crash():
+def test_a_case_whose_size_the_factor_does_not_divide_is_cut_to_tile_and_scored():
+    import numpy as np
+
     from MRISuperResLib.bench import runner
     from MRISuperResLib.bench.cases import Case
 
-    vol = Volume.from_array(phantom((32, 32, 36), seed=2) * 300)
+    vol = Volume.from_array(phantom((32, 32, 36), seed=2) * 300, spacing=(1.0, 1.0, 1.0), origin=(3.0, -2.0, 5.0))
+    logged = []
     rows, _ = runner.run([Case("odd", "user", lambda: vol)], ["slice-removal-8mm"], ["trilinear"], "cpu",
-                         log=lambda m: None)
-    errors = {r.method: r.error for r in rows}
-    assert "not a multiple of the factor" in errors["trilinear"] and "32x32x40" in errors["trilinear"]
+                         log=logged.append)
+    assert all(r.error is None and np.isfinite(r.psnr_masked) for r in rows)
+    assert any("odd cut to 32x32x32 so that slice-removal-8mm tiles it" in m for m in logged)
+    cut = runner.tiled(vol, "slice-removal", 2, 8)
+    assert cut.grid.shape == (32, 32, 32) and np.array_equal(cut.array, vol.array[:, :, 2:34])
+    assert np.allclose(cut.grid.index_to_physical((0, 0, 0)), vol.grid.index_to_physical((0, 0, 2)), atol=1e-6)
+    assert runner.tiled(vol, "slice-removal", 2, 4) is vol and runner.tiled(vol, "kspace", (0, 1), 4) is vol

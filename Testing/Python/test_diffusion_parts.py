@@ -234,3 +234,14 @@ def test_sampling_chain_starts_where_x0_is_recoverable():
     t0, ab0, _ = pairs[0]
     assert cosine.START_ALPHA_BAR <= ab0 < 2 * cosine.START_ALPHA_BAR  # as late as it can start, no later
     assert [p[0] for p in pairs] == sorted((p[0] for p in pairs), reverse=True) and pairs[-1][2] == 1.0
+
+
+def test_noise_in_opposite_pairs_and_an_odd_count_leaves_the_last_sample_free():
+    from MRISuperResLib.diffusion.noise import sample_noise
+
+    e = sample_noise((5, 3, 4), torch.Generator().manual_seed(1), antithetic=True)
+    assert torch.equal(e[2:4], -e[0:2]) and not torch.allclose(e[4], -e[0]) and not torch.allclose(e[4], -e[1])
+    free = sample_noise((5, 3, 4), torch.Generator().manual_seed(1))
+    assert torch.equal(free[:2], e[:2]) and not torch.allclose(free[2:4], e[2:4])
+    assert torch.equal(sample_noise((1, 3), torch.Generator().manual_seed(1), antithetic=True),
+                       sample_noise((1, 3), torch.Generator().manual_seed(1)))

@@ -140,6 +140,15 @@ def test_samples_give_an_uncertainty_map(prior):
     assert "uncertainty" not in _run(prior, lr, spec).extras
 
 
+def test_paired_samples_are_the_default_and_can_be_turned_off(prior):
+    spec, _, lr = _lr()
+    paired = _run(prior, lr, spec, samples=2, seed=3)
+    free = _run(prior, lr, spec, samples=2, seed=3, antithetic=False)
+    assert not np.allclose(paired.volume.array, free.volume.array)  # the second chain's noise differs
+    assert _rel_residual(paired, lr, spec) < 1e-4 and _rel_residual(free, lr, spec) < 1e-4
+    assert float(paired.extras["uncertainty"].array.max()) > 0
+
+
 def test_through_plane_truncation_slices_along_another_axis(prior):
     spec, _, lr = _lr(axes=2, factor=2.0, hr=(12, 16, 16))
     out = _run(prior, lr, spec)
