@@ -30,6 +30,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/diffusion/adapt.py
   MRISuperResLib/diffusion/cards.py
   MRISuperResLib/diffusion/cosine.py
+  MRISuperResLib/diffusion/noise.py
   MRISuperResLib/diffusion/paired_model.py
   MRISuperResLib/diffusion/patches.py
   MRISuperResLib/diffusion/vdm.py
