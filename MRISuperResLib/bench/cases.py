@@ -62,8 +62,9 @@ def mni152_case(quick=False) -> Case:
     return Case("mni152" + ("-crop" if quick else ""), "in-distribution", load)
 
 
-# A typical 1 mm clinical volume (the ICBM/MNI 1 mm box); the runner cuts k to a multiple of each slice factor
-# (180 for 4 and 5 mm, 176 for 8 mm) so the output lies on the truth's grid voxel for voxel.
+# A typical 1 mm clinical volume (the ICBM/MNI 1 mm box); the runner cuts the degraded axes to a multiple of the
+# factor (k: 180 for 4 and 5 mm, 176 for 8 mm; i, j: 180 x 216 at 4x k-space) so the output lies on the truth's
+# grid voxel for voxel.
 WHOLE_BRAIN_SHAPE = (181, 217, 181)
 
 

@@ -174,10 +174,11 @@ def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]]
 def tiled(vol: Volume, kind: str, axis, factor) -> Volume:
     """`vol` centre-cut along the degraded axes to a multiple of an integer `factor`, on the same physical grid.
 
-    Why: slice operators give an HR grid of (LR size x factor) voxels, so a case whose size the factor does not
-    divide (the whole-brain case's 180 slices at 8 mm) could not be scored against its truth voxel for voxel.
+    Why: the operators give an HR grid of (LR size x factor) voxels, so a case whose size the factor does not
+    divide (the whole-brain case's 181 slices at 8 mm, or its 181 x 217 in-plane voxels at 4x k-space) could not
+    be scored against its truth voxel for voxel.
     """
-    if kind == "kspace" or float(factor) != int(factor):
+    if float(factor) != int(factor):
         return vol
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     shape = list(vol.grid.shape)

@@ -51,7 +51,9 @@ class _GroupNormSiLU(torch.autograd.Function):
         out = torch.empty_like(x, dtype=out_dtype)  # x's layout (channels-last stays channels-last)
         with torch.autocast(_device_type(x), enabled=False):
             for c0, c1, g in _chunks(c, groups, voxels, n):
-                xc = x[:, c0:c1].float()
+                # contiguous: the kernel needs it, and a channel slice of a channels-last x is not (the CPU loads
+                # priors channels-last, priors/folder.py)
+                xc = x[:, c0:c1].float().contiguous()
                 y = torch.ops.aten.native_group_norm(xc, _part(weight, c0, c1), _part(bias, c0, c1), n, c1 - c0,
                                                      voxels, g, eps)[0]
                 out[:, c0:c1] = torch.nn.functional.silu(y, inplace=True) if silu else y
@@ -70,7 +72,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         db = torch.zeros(c, dtype=torch.float32, device=x.device) if need_b and bias is not None else None
         with torch.autocast(_device_type(x), enabled=False):
             for c0, c1, g in _chunks(c, ctx.groups, voxels, n):
-                xc = x[:, c0:c1].float()
+                xc = x[:, c0:c1].float().contiguous()
                 wc, bc = _part(weight, c0, c1), _part(bias, c0, c1)
                 y, mean, rstd = torch.ops.aten.native_group_norm(xc, wc, bc, n, c1 - c0, voxels, g, ctx.eps)
                 dy = dout[:, c0:c1].float()

@@ -179,3 +179,4 @@ def test_a_case_whose_size_the_factor_does_not_divide_is_cut_to_tile_and_scored(
     assert cut.grid.shape == (32, 32, 32) and np.array_equal(cut.array, vol.array[:, :, 2:34])
     assert np.allclose(cut.grid.index_to_physical((0, 0, 0)), vol.grid.index_to_physical((0, 0, 2)), atol=1e-6)
     assert runner.tiled(vol, "slice-removal", 2, 4) is vol and runner.tiled(vol, "kspace", (0, 1), 4) is vol
+    assert runner.tiled(vol, "kspace", (0, 1), 3).grid.shape == (30, 30, 36)

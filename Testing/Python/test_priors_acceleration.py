@@ -61,15 +61,17 @@ class LiveBytes(TorchDispatchMode):
 
 # ---- low-memory GroupNorm + SiLU ----
 
-@pytest.mark.parametrize("silu", [True, False])
-def test_low_memory_norm_equals_eager(silu, monkeypatch):
+@pytest.mark.parametrize("silu,layout", [(True, torch.contiguous_format), (False, torch.contiguous_format),
+                                         (True, torch.channels_last_3d)])
+def test_low_memory_norm_equals_eager(silu, layout, monkeypatch):
+    # channels-last: what a convolution with the CPU's channels-last weights (priors/folder.py) hands the norm
     monkeypatch.setattr(lowmem_norm, "WHOLE_ELEMENTS", 0)  # several chunks (one group each), as at full size
     norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(1, 8, 6, 5, 4, generator=g) * 3 + 1).requires_grad_(True)
+    x = (torch.randn(1, 8, 6, 5, 4, generator=g) * 3 + 1).to(memory_format=layout).requires_grad_(True)
     w = torch.randn(1, 8, 6, 5, 4, generator=g)
     want = torch.nn.functional.silu(norm(x)) if silu else norm(x)
     want_grads = torch.autograd.grad((want * w).sum(), [x, norm.weight, norm.bias])
