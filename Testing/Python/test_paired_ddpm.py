@@ -170,13 +170,9 @@ class _OracleEps(torch.nn.Module):
         return (x[:, :1] - ab.sqrt() * self.x0) / (1 - ab).sqrt()
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_sampler_with_an_oracle_model_recovers_the_truth(eta):
-    # One window covers the volume, so the oracle sees the whole residual; the DDIM chain, the residual scaling
-    # and the way back to input units must then give the truth, far above the B-spline baseline.
+def _known_answer():
+    """(spec, lr, truth, card, x0): a 16^3 case and the residual x0 a model must answer to give the truth."""
     from MRISuperResLib.intensity import robust_scale
-    from MRISuperResLib.metrics import psnr
-    from MRISuperResLib.priors.store import Prior
 
     spec, lr = _lr("thick-slice", 2, 4.0, hr=(16, 16, 16))
     truth = torch.as_tensor(phantom((16, 16, 16), 1) * 500.0, dtype=torch.float64)
@@ -185,6 +181,17 @@ def test_sampler_with_an_oracle_model_recovers_the_truth(eta):
     up = spec.bind_lr(lr.grid.shape).upsample(scale.to_prior(y), "cubic")
     card = tiny_paired(0, patch=(16, 16, 16))[0].card
     x0 = ((scale.to_prior(truth.float()) - up) / card["paired"]["residual_scale"])[None, None]
+    return spec, lr, truth, card, x0
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sampler_with_an_oracle_model_recovers_the_truth(eta):
+    # One window covers the volume, so the oracle sees the whole residual; the DDIM chain, the residual scaling
+    # and the way back to input units must then give the truth, far above the B-spline baseline.
+    from MRISuperResLib.metrics import psnr
+    from MRISuperResLib.priors.store import Prior
+
+    spec, lr, truth, card, x0 = _known_answer()
     prior = Prior(card, {"unet": _OracleEps(x0, cosine.cosine_alpha_bar(1000))})
     out = _run(prior, lr, spec, steps=10, eta=eta, samples=2)
     base = super_resolve(lr, "bspline", spec, {}, None, device="cpu")
@@ -210,16 +217,9 @@ class _OddInNoise(_OracleEps):
 
 
 def test_antithetic_pairs_cancel_noise_the_answer_is_odd_in():
-    from MRISuperResLib.intensity import robust_scale
     from MRISuperResLib.priors.store import Prior
 
-    spec, lr = _lr("thick-slice", 2, 4.0, hr=(16, 16, 16))
-    truth = torch.as_tensor(phantom((16, 16, 16), 1) * 500.0, dtype=torch.float64)
-    y = torch.as_tensor(lr.array)
-    scale = robust_scale(y)
-    up = spec.bind_lr(lr.grid.shape).upsample(scale.to_prior(y), "cubic")
-    card = tiny_paired(0, patch=(16, 16, 16))[0].card
-    x0 = ((scale.to_prior(truth.float()) - up) / card["paired"]["residual_scale"])[None, None]
+    spec, lr, truth, card, x0 = _known_answer()
     prior = Prior(card, {"unet": _OddInNoise(x0, cosine.cosine_alpha_bar(1000), 0.05)})
     rng = float(truth.max() - truth.min())
     paired = _run(prior, lr, spec, steps=1, samples=2, seed=3)
