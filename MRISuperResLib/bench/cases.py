@@ -40,10 +40,11 @@ class Case:
     load: Callable[[], Volume]
 
 
-def _crop(vol: Volume, multiple: int, max_shape=None) -> Volume:
-    """Centre-crop so every size is a multiple of `multiple` (and at most `max_shape`)."""
+def centre_crop(vol: Volume, multiple: int, max_shape=None, axes=(0, 1, 2)) -> Volume:
+    """Centre-crop so the size along each of `axes` is a multiple of `multiple` (and at most `max_shape`)."""
     shape = np.asarray(vol.grid.shape)
-    target = shape - shape % multiple
+    target = shape.copy()
+    target[list(axes)] -= shape[list(axes)] % multiple
     if max_shape is not None:
         target = np.minimum(target, np.asarray(max_shape) - np.asarray(max_shape) % multiple)
     lo = (shape - target) // 2
@@ -57,7 +58,7 @@ def mni152_case(quick=False) -> Case:
     def load():
         from ..demo import mni152_example
 
-        return _crop(mni152_example(), 8, (96, 112, 96) if quick else None)
+        return centre_crop(mni152_example(), 8, (96, 112, 96) if quick else None)
 
     return Case("mni152" + ("-crop" if quick else ""), "in-distribution", load)
 
@@ -73,7 +74,7 @@ def whole_brain_case() -> Case:
     def load():
         from ..demo import mni152_example
 
-        vol = _crop(mni152_example(), 1, WHOLE_BRAIN_SHAPE)
+        vol = centre_crop(mni152_example(), 1, WHOLE_BRAIN_SHAPE)
         vol.description = "MNI152 template, 181 x 217 x 181 (whole-brain size), in-distribution"
         return vol
 
@@ -115,7 +116,7 @@ def folder_cases(folder: str) -> List[Case]:
     paths = sorted(p for ext in ("*.nii.gz", "*.nii", "*.nrrd", "*.mha") for p in glob.glob(os.path.join(folder, ext)))
     if not paths:
         raise InputError("No volumes in %s." % folder, "Put .nii.gz, .nii, .nrrd or .mha files there.")
-    return [Case(os.path.basename(p).split(".")[0], "user", lambda p=p: _crop(read_volume(p), 8)) for p in paths]
+    return [Case(os.path.basename(p).split(".")[0], "user", lambda p=p: centre_crop(read_volume(p), 8)) for p in paths]
 
 
 def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:

@@ -21,7 +21,7 @@ from ..metrics import head_mask, psnr, ssim, ssim_slices
 from ..physics import OperatorSpec, lr_grid
 from ..pipeline import super_resolve
 from ..volume import Volume
-from .cases import DEGRADATIONS, INFERRED, Case
+from .cases import DEGRADATIONS, INFERRED, Case, centre_crop
 
 QUICK_LIMITS = {"iterations": 5, "steps": 4, "samples": 1}
 
@@ -181,16 +181,9 @@ def tiled(vol: Volume, kind: str, axis, factor) -> Volume:
     if float(factor) != int(factor):
         return vol
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    shape = list(vol.grid.shape)
-    lo = [0, 0, 0]
-    for a in axes:
-        keep = shape[a] - shape[a] % int(factor)
-        lo[a], shape[a] = (shape[a] - keep) // 2, keep
-    if tuple(shape) == tuple(vol.grid.shape):
+    if all(vol.grid.shape[a] % int(factor) == 0 for a in axes):
         return vol
-    sl = tuple(slice(a, a + n) for a, n in zip(lo, shape))
-    grid = type(vol.grid)(tuple(shape), vol.grid.spacing, vol.grid.index_to_physical(lo), vol.grid.direction)
-    return Volume(np.ascontiguousarray(vol.array[sl]), grid, description=vol.description)
+    return centre_crop(vol, int(factor), axes=axes)
 
 
 def _nearest(op, y):

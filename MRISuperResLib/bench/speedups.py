@@ -44,9 +44,9 @@ def child(spec_json: str) -> None:
     from ..pipeline import super_resolve
     from ..priors.store import load_prior
     from ..volume import Volume
-    from .cases import _crop, mni152_case
+    from .cases import centre_crop, mni152_case
 
-    hr = _crop(mni152_case(quick=True).load(), 8, tuple(spec["shape"]))
+    hr = centre_crop(mni152_case(quick=True).load(), 8, tuple(spec["shape"]))
     op_spec = OperatorSpec.make("slice-removal", 2, 8)
     op = op_spec.bind_hr(hr.grid.shape)
     y = op.forward(torch.as_tensor(hr.array, dtype=torch.float64)).float().numpy()
