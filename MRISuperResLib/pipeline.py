@@ -127,7 +127,7 @@ def super_resolve(lr: Volume, method: str, spec: Optional[OperatorSpec] = None, 
     for w in caught:
         progress.warning(str(w.message))
     out_grid = hr_grid(lr.grid, op)
-    op = replace(op, hr_spacing=out_grid.spacing)
+    op = replace(op, hr_spacing=out_grid.spacing, hr_direction=out_grid.direction)
     check_grid_fits(op, dev)
     gen = torch.Generator(device="cpu").manual_seed(int(resolved.get("seed", seed or 0)))
     y = torch.as_tensor(lr.array, dtype=torch.float32, device=dev)

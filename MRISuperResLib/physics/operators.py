@@ -161,6 +161,9 @@ class Operator:
     factors: Tuple[float, float, float]  # effective factors, used for sample positions
     # mm per HR voxel when the run knows its grid (pipeline.py); a solver that learns from the scan needs it
     hr_spacing: Optional[Tuple[float, float, float]] = None
+    # the HR grid's direction (row-major 3x3, columns the index axes); a solver that uses the brain's near
+    # left-right symmetry needs to know which index axis runs left-right
+    hr_direction: Optional[Tuple[float, ...]] = None
     _cache: Dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
