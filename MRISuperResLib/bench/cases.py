@@ -28,8 +28,9 @@ DEGRADATIONS = {
 
 # The clinical case: `run` infers these from the input's spacing (Gaussian thick slices), so the bench does too.
 INFERRED = ("thick-slice-5mm",)
-# Held-out heads in contrasts the default priors never trained on (T1-like only); seeds apart from the first
-# held-out ones, which tuning uses.
+# Held-out draws of T2-, FLAIR- and PD-like heads. The LDM and VDM priors trained on T1-like heads only; the
+# paired prior's last steps saw other draws of these contrasts (mixed contrasts). Seeds apart from the ones tuning
+# uses (1000001-1000002, 1000021-1000023).
 CONTRAST_CASES = (("t2", 1_000_010), ("flair", 1_000_011), ("pd", 1_000_012))
 
 

@@ -366,7 +366,8 @@ def export_run(task, run_dir, out, name=None, eval_count=4, title="", descriptio
     training = {
         "data": "Synthetic brains (%s contrast) from nilearn's MNI152 2009a template (MRISuperResLib.training.synth), "
                 % (run["options"].get("synth") or {}).get("contrast", "T1-like") +
-                "training seeds < 1000000; held-out metrics on seeds 1000000..%d" % (1_000_000 + eval_count - 1),
+                "training seeds < 1000000; " + ("held-out metrics on seeds 1000000..%d" % (1_000_000 + eval_count - 1)
+                                                if eval_count else "no held-out metrics (--eval-count 0)"),
         "command": command_line_of(run),
         "steps": steps, "held_out_metrics": metrics, "synth": run["options"].get("synth"),
         "options": {k: v for k, v in run["options"].items()

@@ -334,6 +334,7 @@ def test_weight_average_follows_its_formula_survives_resume_and_is_exported(tmp_
     net = load_network(str(tmp_path / "prior"), card, "autoencoder")
     assert all(torch.equal(v, a[k]) for k, v in net.state_dict().items())
     assert "average" in card["training"]["weights"] and card["training"]["train"]["ema"] == 0.5
+    assert "no held-out metrics" in card["training"]["data"] and not card["training"]["held_out_metrics"]
     with pytest.raises(UserError, match="--ema"):
         TrainConfig(ema=1.0)
 
