@@ -71,6 +71,9 @@ def _common(p):
     p.add_argument("--grid", type=int, nargs=3, default=None, help="1 mm grid shape (default 160 224 160).")
     p.add_argument("--downsample", type=int, default=None, help="Train on an f mm grid (shape / f).")
     p.add_argument("--no-head", action="store_true", default=None, help="Skull-stripped brains (no scalp shell).")
+    p.add_argument("--stripped-share", type=float, default=None, metavar="F",
+                   help="Share of the brains drawn skull-stripped, with no scalp shell (default 0; clinical inputs "
+                        "often come stripped).")
     p.add_argument("--contrast", default=None, choices=["t1", "t2", "flair", "pd", "random", "mixed"],
                    help="Tissue contrast of the synthetic brains (default t1; mixed: each brain draws T1, T2, FLAIR, "
                         "PD or a random tissue order, SynthSR-style).")
@@ -143,6 +146,8 @@ def _synth_options(args, base=None):
         s["head"] = False
     if getattr(args, "contrast", None):
         s["contrast"] = args.contrast
+    if getattr(args, "stripped_share", None) is not None:
+        s["stripped_share"] = float(args.stripped_share)
     return s
 
 

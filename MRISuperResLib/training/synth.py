@@ -83,6 +83,9 @@ class SynthConfig:
     noise_range: Tuple[float, float] = (0.0, 0.03)
     template_mix: Tuple[float, float] = (0.2, 0.7)
     contrast: str = "t1"           # "t1" or a key of CONTRASTS; "mixed": a seed's own draw among all of them
+    # share of brains drawn skull-stripped (no shell) although `head` is on: clinical inputs often come stripped,
+    # and the brain's edge against air is then an edge the prior must have seen
+    stripped_share: float = 0.0
 
     def __post_init__(self):
         self.shape = tuple(int(n) for n in self.shape)
@@ -95,6 +98,9 @@ class SynthConfig:
             raise InputError("Downsample factor %s does not divide the grid shape %s." % (self.downsample, self.shape),
                              "Use a factor (1, 2, 4, ...) that divides every size.")
         self.downsample = int(self.downsample)
+        if not 0.0 <= float(self.stripped_share) <= 1.0:
+            raise InputError("Skull-stripped share %s is not a fraction." % self.stripped_share,
+                             "Give a share between 0 and 1, e.g. --stripped-share 0.3.")
         if self.contrast not in ("t1", "mixed") + tuple(CONTRASTS):
             raise InputError("Contrast '%s' is not supported." % self.contrast,
                              "Use t1, %s or mixed." % ", ".join(CONTRASTS))
@@ -234,6 +240,8 @@ class BrainSynth:
             "noise": float(u(*c.noise_range)),
             "patch_rng": int(rng.integers(0, 2 ** 31 - 1)),
             **self._contrast(rng, wm, gm, csf),
+            # drawn last, and only when asked for, so brains of earlier runs render as they did
+            **({"stripped": bool(rng.uniform() < c.stripped_share)} if c.stripped_share > 0 else {}),
         }
 
     def _contrast(self, rng, wm, gm, csf) -> dict:
@@ -294,7 +302,7 @@ class BrainSynth:
         templ = self._template_in_contrast(t1, it, p.get("contrast", "t1"))
         a = p["template_mix"]
         img = (1 - a) * tissue + a * templ
-        if self.config.head:
+        if self.config.head and not p.get("stripped"):
             img = img + (1 - brain).clamp(0, 1) * self._shell(close, p)
         img = img.clamp_min(0) ** p["gamma"]
         return img * self._bias(axes, p), brain, csf

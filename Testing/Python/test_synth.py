@@ -127,6 +127,20 @@ def test_skull_stripped_mode_has_dark_background(templates_offline):
     assert float(x.image[far].max()) < 0.05
 
 
+def test_a_share_of_brains_comes_skull_stripped_and_earlier_brains_stay_as_they_were(templates_offline):
+    plain = BrainSynth(SynthConfig(shape=SMALL, noise_range=(0.0, 0.0)))
+    mixed = BrainSynth(SynthConfig(shape=SMALL, noise_range=(0.0, 0.0), stripped_share=0.5))
+    seeds = range(12)
+    stripped = [s for s in seeds if mixed.params(s)["stripped"]]
+    assert 0 < len(stripped) < len(seeds)  # a share, not all or none
+    assert "stripped" not in plain.params(0)  # no new draw unless asked: a run's old seeds render the same brains
+    kept = next(s for s in seeds if s not in stripped)
+    assert torch.equal(plain.sample(kept).image, mixed.sample(kept).image)
+    x, y = plain.sample(stripped[0]), mixed.sample(stripped[0])
+    far = ~torch.from_numpy(ndimage.binary_dilation(x.mask.numpy(), iterations=4))
+    assert float(y.image[far].max()) < 0.05 < float(x.image[far].max())  # no scalp around the stripped one
+
+
 def test_patch_is_exact_crop_of_whole_volume(small):
     full = small.sample(7)
     p = small.sample(7, patch=(16, 24, 20), corner=(10, 20, 30))
@@ -197,6 +211,8 @@ def test_bad_config_is_a_clear_error():
         SynthConfig(shape=(64, 80, 64), downsample=3)
     with pytest.raises(InputError, match="Orientation"):
         SynthConfig(orientation="PIR")
+    with pytest.raises(InputError, match="stripped share"):
+        SynthConfig(stripped_share=1.5)
 
 
 @pytest.mark.slow
