@@ -86,6 +86,11 @@ def load_into(task, options: dict) -> None:
         raise InputError("The weights of prior '%s' do not fit the run's %s (%s)."
                          % (src["prior"], src["role"], str(exc).splitlines()[0][:200]),
                          "Start from a prior of the same architecture.") from None
+    scale = (card.get("paired") or {}).get("residual_scale")
+    if scale is not None and hasattr(task, "residual_scale"):
+        # the network learnt x0 in units of its prior's residual scale; measuring it anew on this run's data (other
+        # contrasts, say) would rescale every target it was trained on, and the card would disagree with the weights
+        task.residual_scale = float(scale)
     table = (card.get("vdm") or {}).get("gamma_table")
     if table and hasattr(task, "gamma"):
         lo, hi = float(table[0]), float(table[-1])

@@ -458,3 +458,17 @@ def test_an_exported_autoencoder_starts_a_new_autoencoder_run(tmp_path, capsys):
     assert main(["train", "autoencoder", "--run-dir", third, "--steps", "1", "--init-from", again] + base) == 0
     lineage = read_run(third)["options"]["init_from"]
     assert lineage["steps"] == 1 and lineage["earlier"]["prior"] == "prior" and lineage["earlier"]["steps"] == 2
+
+
+def test_a_paired_run_from_a_prior_keeps_the_prior_s_residual_scale():
+    """x0 targets are residuals in units of the prior's scale: a run on other data (mixed contrasts) must keep it."""
+    from MRISuperResLib.priors.folder import read_card
+    from MRISuperResLib.priors.store import find_prior
+    from MRISuperResLib.training.paired import PairedTask
+    from MRISuperResLib.training.warmstart import load_into, options_from_prior
+
+    synth = {"shape": [160, 224, 160], "orientation": "LAS", "downsample": 1, "head": True, "contrast": "mixed"}
+    options = options_from_prior("paired", PairedTask.default_options(synth=synth), "synth-brain-paired")
+    task = PairedTask(options, "cpu")
+    load_into(task, options)
+    assert task._scale() == read_card(find_prior("synth-brain-paired"))["paired"]["residual_scale"]
