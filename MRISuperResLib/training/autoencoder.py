@@ -57,7 +57,8 @@ def synth_from_options(options: dict) -> BrainSynth:
     s = options["synth"]
     return BrainSynth(SynthConfig(shape=tuple(s["shape"]), orientation=s.get("orientation", "LAS"),
                                   downsample=s.get("downsample", 1), head=s.get("head", True),
-                                  contrast=s.get("contrast", "t1"), stripped_share=s.get("stripped_share", 0.0)))
+                                  contrast=s.get("contrast", "t1"), stripped_share=s.get("stripped_share", 0.0),
+                                  folding_share=s.get("folding_share", 0.0)))
 
 
 def draw_train_seeds(generator: torch.Generator, count: int, pool: int = 0):

@@ -74,6 +74,9 @@ def _common(p):
     p.add_argument("--stripped-share", type=float, default=None, metavar="F",
                    help="Share of the brains drawn skull-stripped, with no scalp shell (default 0; clinical inputs "
                         "often come stripped).")
+    p.add_argument("--folding-share", type=float, default=None, metavar="F",
+                   help="Share of the brains drawn with folding of their own, a finer deformation (10 mm) on top of "
+                        "the smooth one (default 0; real brains' gyri differ from the average template's).")
     p.add_argument("--contrast", default=None, choices=["t1", "t2", "flair", "pd", "random", "mixed"],
                    help="Tissue contrast of the synthetic brains (default t1; mixed: each brain draws T1, T2, FLAIR, "
                         "PD or a random tissue order, SynthSR-style).")
@@ -148,6 +151,8 @@ def _synth_options(args, base=None):
         s["contrast"] = args.contrast
     if getattr(args, "stripped_share", None) is not None:
         s["stripped_share"] = float(args.stripped_share)
+    if getattr(args, "folding_share", None) is not None:
+        s["folding_share"] = float(args.folding_share)
     return s
 
 

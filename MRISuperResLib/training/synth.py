@@ -8,6 +8,8 @@ One seed -> one brain. Pseudo-code of `BrainSynth.sample(seed)`:
        optional head shell; `contrast` picks the tissue order (T1, T2, FLAIR, PD or random, see CONTRASTS)
     5. gamma contrast, low-order multiplicative bias field, scale so the 99.5th percentile is 1
     6. Rician noise, clip to [0, 1]
+Optional shares of the brains come skull-stripped (`stripped_share`) or with folding of their own
+(`folding_share`: a finer deformation on top of the smooth one).
 
 Seeds below HELDOUT_START are for training, seeds from HELDOUT_START on are held out (never drawn by
 the trainer), so held-out metrics are measured on brains no training step has seen.
@@ -86,6 +88,11 @@ class SynthConfig:
     # share of brains drawn skull-stripped (no shell) although `head` is on: clinical inputs often come stripped,
     # and the brain's edge against air is then an edge the prior must have seen
     stripped_share: float = 0.0
+    # share of brains drawn with folding of their own: a second, finer deformation on top of the smooth one, so
+    # gyri and sulci bend where the average template's do not (a real brain's individual anatomy)
+    folding_share: float = 0.0
+    folding_spacing_mm: float = 10.0
+    folding_std_mm: float = 2.0
 
     def __post_init__(self):
         self.shape = tuple(int(n) for n in self.shape)
@@ -101,6 +108,9 @@ class SynthConfig:
         if not 0.0 <= float(self.stripped_share) <= 1.0:
             raise InputError("Skull-stripped share %s is not a fraction." % self.stripped_share,
                              "Give a share between 0 and 1, e.g. --stripped-share 0.3.")
+        if not 0.0 <= float(self.folding_share) <= 1.0:
+            raise InputError("Folding share %s is not a fraction." % self.folding_share,
+                             "Give a share between 0 and 1, e.g. --folding-share 0.3.")
         if self.contrast not in ("t1", "mixed") + tuple(CONTRASTS):
             raise InputError("Contrast '%s' is not supported." % self.contrast,
                              "Use t1, %s or mixed." % ", ".join(CONTRASTS))
@@ -242,6 +252,7 @@ class BrainSynth:
             **self._contrast(rng, wm, gm, csf),
             # drawn last, and only when asked for, so brains of earlier runs render as they did
             **({"stripped": bool(rng.uniform() < c.stripped_share)} if c.stripped_share > 0 else {}),
+            **({"folding": bool(rng.uniform() < c.folding_share)} if c.folding_share > 0 else {}),
         }
 
     def _contrast(self, rng, wm, gm, csf) -> dict:
@@ -271,6 +282,9 @@ class BrainSynth:
             lat = [int(math.ceil((top - bottom) / h)) + 1 for bottom, top in zip(lo, np.maximum(a, b) + h)]
             gen = torch.Generator().manual_seed(int(seed) * 2 + 1)
             v = random_velocity(gen, lat, h, c.deform_spacing_mm, c.deform_std_mm)
+            if p.get("folding"):
+                # drawn after the smooth field from the same generator, which therefore stays as it was
+                v = v + random_velocity(gen, lat, h, c.folding_spacing_mm, c.folding_std_mm)
             disp = integrate_velocity(v, h)
         return Deformation(matrix, centre, p["translation_mm"], disp, lo, h)
 

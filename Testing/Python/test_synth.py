@@ -141,6 +141,27 @@ def test_a_share_of_brains_comes_skull_stripped_and_earlier_brains_stay_as_they_
     assert float(y.image[far].max()) < 0.05 < float(x.image[far].max())  # no scalp around the stripped one
 
 
+def test_a_share_of_brains_folds_its_own_way_and_earlier_brains_stay_as_they_were(templates_offline):
+    plain = BrainSynth(SynthConfig(shape=SMALL, noise_range=(0.0, 0.0), stripped_share=0.5))
+    folded = BrainSynth(SynthConfig(shape=SMALL, noise_range=(0.0, 0.0), stripped_share=0.5, folding_share=0.5))
+    seeds = range(12)
+    own = [s for s in seeds if folded.params(s)["folding"]]
+    assert 0 < len(own) < len(seeds)
+    assert "folding" not in plain.params(0)
+    assert all(plain.params(s)["stripped"] == folded.params(s)["stripped"] for s in seeds)
+    kept = next(s for s in seeds if s not in own)
+    assert torch.equal(plain.sample(kept).image, folded.sample(kept).image)
+    s = own[0]
+    a, b = plain.deformation(s).displacement, folded.deformation(s).displacement
+    extra = (b - a).pow(2).sum(0).sqrt()
+    # millimetres of extra bending, varying over about a centimetre: anatomy moves, the head stays where it was
+    assert 0.5 < float(extra.mean()) < 6.0
+    x, y = plain.sample(s), folded.sample(s)
+    inside = x.mask & y.mask
+    assert float((x.image - y.image)[inside].abs().mean()) > 0.02
+    assert abs(float(x.mask.float().mean()) - float(y.mask.float().mean())) < 0.1 * float(x.mask.float().mean())
+
+
 def test_patch_is_exact_crop_of_whole_volume(small):
     full = small.sample(7)
     p = small.sample(7, patch=(16, 24, 20), corner=(10, 20, 30))
@@ -213,6 +234,8 @@ def test_bad_config_is_a_clear_error():
         SynthConfig(orientation="PIR")
     with pytest.raises(InputError, match="stripped share"):
         SynthConfig(stripped_share=1.5)
+    with pytest.raises(InputError, match="Folding share"):
+        SynthConfig(folding_share=-0.1)
 
 
 @pytest.mark.slow
