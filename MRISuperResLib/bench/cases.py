@@ -32,6 +32,8 @@ INFERRED = ("thick-slice-5mm",)
 # paired prior's last steps saw other draws of these contrasts (mixed contrasts). Seeds apart from the ones tuning
 # uses (1000001-1000002, 1000021-1000023).
 CONTRAST_CASES = (("t2", 1_000_010), ("flair", 1_000_011), ("pd", 1_000_012))
+# Held-out heads drawn skull-stripped, as clinical and research scans often come: the brain's edge meets air.
+STRIPPED_CASES = (("t1", 1_000_013), ("t2", 1_000_014))
 
 
 @dataclass
@@ -111,6 +113,21 @@ def contrast_cases() -> List[Case]:
     return out
 
 
+def stripped_cases() -> List[Case]:
+    """Held-out synthetic heads without their scalp shell (STRIPPED_CASES)."""
+    from ..training import synth
+
+    out = []
+    for contrast, seed in STRIPPED_CASES:
+        def load(seed=seed, contrast=contrast):
+            gen = synth.BrainSynth(synth.SynthConfig(contrast=contrast, head=False))
+            return Volume(gen.sample(seed).image.numpy(), gen.grid(),
+                          description="synthetic held-out %d, %s, skull-stripped" % (seed, contrast))
+
+        out.append(Case("synthetic-%s-stripped-%d" % (contrast, seed), "held-out skull-stripped", load))
+    return out
+
+
 def folder_cases(folder: str) -> List[Case]:
     if not os.path.isdir(folder):
         raise InputError("Case folder not found: %s." % folder, "Give a folder of HR volumes (.nii.gz, .nrrd, .mha).")
@@ -122,7 +139,7 @@ def folder_cases(folder: str) -> List[Case]:
 
 def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:
     """`names`: None for the default set, else a list of 'mni152', 'mni152-181' (whole-brain size), 'synthetic',
-    'contrasts', or folder paths."""
+    'contrasts', 'stripped', or folder paths."""
     if quick:
         return [mni152_case(quick=True)]
     if not names:
@@ -137,6 +154,8 @@ def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:
             out.extend(synthetic_cases(synthetic))
         elif n == "contrasts":
             out.extend(contrast_cases())
+        elif n == "stripped":
+            out.extend(stripped_cases())
         else:
             out.extend(folder_cases(n))
     return out

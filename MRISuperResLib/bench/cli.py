@@ -16,7 +16,8 @@ def add_parser(sub):
     p.add_argument("--cases", nargs="+", default=None,
                    help="mni152, mni152-181 (the template at about the whole-brain size, 181 x 217 x 180, for the time targets), "
                         "synthetic (held-out synthetic brains), contrasts (held-out brains in T2-, FLAIR- and "
-                        "PD-like contrasts) and/or folders of HR volumes.")
+                        "PD-like contrasts), stripped (held-out skull-stripped brains, T1- and T2-like) and/or "
+                        "folders of HR volumes.")
     p.add_argument("--degradations", nargs="+", default=None, choices=sorted(DEGRADATIONS))
     p.add_argument("--synthetic", type=int, default=2, help="Number of held-out synthetic brains.")
     p.add_argument("--device", default="auto")

@@ -53,6 +53,28 @@ def test_synthetic_cases_are_held_out_heads_on_the_prior_grid():
     assert 0.0 <= vol.array.min() and vol.array.max() <= 1.0 and vol.array.std() > 0.05
 
 
+def test_stripped_cases_are_held_out_heads_with_nothing_around_the_brain():
+    import numpy as np
+    from scipy import ndimage
+
+    from MRISuperResLib.bench.cases import CONTRAST_CASES, STRIPPED_CASES, resolve_cases
+    from MRISuperResLib.training.synth import HELDOUT_START, BrainSynth, SynthConfig
+
+    cases = resolve_cases(["stripped"])
+    assert [c.label for c in cases] == ["held-out skull-stripped"] * 2
+    seeds = [int(c.name.rsplit("-", 1)[1]) for c in cases]
+    # held out, and apart from the gate's other heads and the tuning heads (1000001-2, 1000021-23)
+    assert all(s >= HELDOUT_START for s in seeds)
+    assert not set(seeds) & ({HELDOUT_START, HELDOUT_START + 1, HELDOUT_START + 2} | {s for _, s in CONTRAST_CASES}
+                              | set(range(HELDOUT_START + 21, HELDOUT_START + 24)))
+    vol = cases[0].load()
+    contrast, seed = STRIPPED_CASES[0]
+    brain = BrainSynth(SynthConfig(contrast=contrast)).sample(seed).mask.numpy()
+    far = ~ndimage.binary_dilation(brain, iterations=4)
+    # no scalp: past the brain only air and its noise (with its scalp this head's top percent there is above 0.5)
+    assert np.percentile(vol.array[far], 99) < 0.15 and vol.array[brain].mean() > 0.3
+
+
 def test_whole_brain_case_is_the_template_at_the_size_of_a_clinical_1mm_volume():
     import numpy as np
 
