@@ -39,7 +39,7 @@ STRIPPED_CASES = (("t1", 1_000_013), ("t2", 1_000_014))
 @dataclass
 class Case:
     name: str
-    label: str  # "in-distribution", "held-out synthetic", "user"
+    label: str  # "in-distribution", "held-out synthetic", "held-out contrast", "held-out skull-stripped", "user"
     load: Callable[[], Volume]
 
 
