@@ -98,34 +98,30 @@ def synthetic_cases(n: int) -> List[Case]:
     return out
 
 
-def contrast_cases() -> List[Case]:
-    """Held-out synthetic heads in T2-, FLAIR- and PD-like contrasts (CONTRAST_CASES)."""
+def _held_out_heads(table, label: str, stripped: bool = False) -> List[Case]:
+    """Cases of held-out synthetic heads, one for each (contrast, seed) of `table`; `stripped`: no scalp shell."""
     from ..training import synth
 
+    tag = "-stripped" if stripped else ""
     out = []
-    for contrast, seed in CONTRAST_CASES:
+    for contrast, seed in table:
         def load(seed=seed, contrast=contrast):
-            gen = synth.BrainSynth(synth.SynthConfig(contrast=contrast))
-            return Volume(gen.sample(seed).image.numpy(), gen.grid(),
-                          description="synthetic held-out %d, %s" % (seed, contrast))
+            gen = synth.BrainSynth(synth.SynthConfig(contrast=contrast, head=not stripped))
+            return Volume(gen.sample(seed).image.numpy(), gen.grid(), description="synthetic held-out %d, %s%s" % (
+                seed, contrast, ", skull-stripped" if stripped else ""))
 
-        out.append(Case("synthetic-%s-%d" % (contrast, seed), "held-out contrast", load))
+        out.append(Case("synthetic-%s%s-%d" % (contrast, tag, seed), label, load))
     return out
+
+
+def contrast_cases() -> List[Case]:
+    """Held-out synthetic heads in T2-, FLAIR- and PD-like contrasts (CONTRAST_CASES)."""
+    return _held_out_heads(CONTRAST_CASES, "held-out contrast")
 
 
 def stripped_cases() -> List[Case]:
     """Held-out synthetic heads without their scalp shell (STRIPPED_CASES)."""
-    from ..training import synth
-
-    out = []
-    for contrast, seed in STRIPPED_CASES:
-        def load(seed=seed, contrast=contrast):
-            gen = synth.BrainSynth(synth.SynthConfig(contrast=contrast, head=False))
-            return Volume(gen.sample(seed).image.numpy(), gen.grid(),
-                          description="synthetic held-out %d, %s, skull-stripped" % (seed, contrast))
-
-        out.append(Case("synthetic-%s-stripped-%d" % (contrast, seed), "held-out skull-stripped", load))
-    return out
+    return _held_out_heads(STRIPPED_CASES, "held-out skull-stripped", stripped=True)
 
 
 def folder_cases(folder: str) -> List[Case]:

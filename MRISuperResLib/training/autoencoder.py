@@ -8,6 +8,7 @@ No adversarial or downloaded perceptual network: the edge term (finite differenc
 edges sharp at no cost.
 """
 
+from dataclasses import fields
 from typing import Dict, Sequence
 
 import torch
@@ -54,11 +55,10 @@ def edge_l1(a, b):
 
 
 def synth_from_options(options: dict) -> BrainSynth:
-    s = options["synth"]
-    return BrainSynth(SynthConfig(shape=tuple(s["shape"]), orientation=s.get("orientation", "LAS"),
-                                  downsample=s.get("downsample", 1), head=s.get("head", True),
-                                  contrast=s.get("contrast", "t1"), stripped_share=s.get("stripped_share", 0.0),
-                                  folding_share=s.get("folding_share", 0.0)))
+    # every option the run recorded, so a new generator option needs no change here; older runs lack the newer
+    # ones and get their defaults
+    known = {f.name for f in fields(SynthConfig)}
+    return BrainSynth(SynthConfig(**{k: v for k, v in options["synth"].items() if k in known}))
 
 
 def draw_train_seeds(generator: torch.Generator, count: int, pool: int = 0):

@@ -247,3 +247,14 @@ def test_full_default_volume_is_fast(templates_offline):
     # About 1.5-3 s on 2 shared cores; the bound leaves room for a busy machine.
     assert time.perf_counter() - t < 5.0
     assert x.image.shape == (160, 224, 160)
+
+
+def test_a_run_s_recorded_generator_options_all_reach_its_generator():
+    from MRISuperResLib.training.autoencoder import synth_from_options
+
+    s = synth_from_options({"synth": {"shape": list(SMALL), "head": True, "contrast": "mixed",
+                                      "stripped_share": 0.3, "folding_share": 0.2}})
+    c = s.config
+    assert (c.shape, c.contrast, c.stripped_share, c.folding_share) == (SMALL, "mixed", 0.3, 0.2)
+    # a run recorded before an option existed gets its default
+    assert synth_from_options({"synth": {"shape": list(SMALL)}}).config.folding_share == 0.0
