@@ -11,7 +11,8 @@ the model diffusion/paired_model.py, the DDIM step priors/ddim.py.
 3. for each (t, ab_t, ab_prev) of the `steps`-step DDIM chain:
    a. eps_hat = UNet([z, up, cond], t) over overlapping 3D patches, blended (diffusion/patches.py)
    b. z = DDIM step with `eta` (fresh noise when eta > 0), x0_hat clipped to the residual's range
-4. x = up + residual_scale * z; with `project`, x <- x + A^+ (y - A x)
+4. x = up + residual_scale * z; with `keep_air`, x = up wherever the input is air all around (a skull-stripped
+   scan's zero background); with `project`, x <- x + A^+ (y - A x)
 5. back to input units; the mean over samples is the output, their std the uncertainty.
 Every step's noise prediction covers the whole volume before the update, so all patches share one timestep
 and one noise draw, and overlapping patches never disagree about z.
@@ -22,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..diffusion.adapt import ScanPairs, adapt, why_not_adaptable
 from ..diffusion.cosine import sampling_pairs
@@ -54,6 +56,11 @@ SETTINGS = [
     Setting("mirror", "bool", True, "Run every other pair of samples on the input mirrored left-right (the "
             "brain's near symmetry) and mirror their answers back: the mean then also averages out the model's "
             "own errors, which the mirror image does not share. Same cost. Off when the thick axis is left-right."),
+    # Measured on three skull-stripped tuning heads at 8 mm (T1, T2, PD-like, air exactly zero as after real
+    # stripping): SSIM +0.014 to +0.022 (PD-like from below B-spline's to above it), masked PSNR unchanged
+    Setting("keep_air", "bool", True, "Keep the interpolated input, with no generated detail, wherever the input "
+            "is air within one slice and two voxels in-plane (the zero background of a skull-stripped scan): the "
+            "samples' residual there is noise, not anatomy. Its uncertainty there is zero."),
     Setting("mean_start", "bool", False, "Start from the noise's mean (zero) instead of a random draw: "
             "deterministic, and with steps=1 the model's estimate of the conditional mean: near the average of many "
             "random samples (a little lower PSNR and SSIM) at the cost of one. One estimate, so no uncertainty map."),
@@ -137,6 +144,15 @@ def _mirrors(physics, n_samples: int, antithetic: bool):
         return [()] * n_samples
     half = n_samples // 2 if antithetic else 0
     return [((lr,) if (s % half if half and s < 2 * half else s) % 2 else ()) for s in range(n_samples)]
+
+
+def input_air(yn, physics) -> torch.Tensor:
+    """HR voxels with no input sample above the air level within one LR voxel along the degraded axes and two
+    voxels along the others: between such samples there is nothing for the model to restore."""
+    busy = (yn > AIR_LEVEL).to(torch.float32)[None, None]
+    size = [3 if a in physics.axes else 5 for a in range(3)]
+    busy = F.max_pool3d(busy, size, 1, [n // 2 for n in size])[0, 0]
+    return physics.upsample(busy.to(yn.dtype), "linear") < 1e-6
 
 
 def _window_fitting_memory(eps_fn, x, patch, overlap, batch, progress):
@@ -223,7 +239,8 @@ def solve(y, physics, prior, settings, progress, generator):
 
     with torch.no_grad():  # sampling only: nothing here is differentiated
         yn = scale.to_prior(y.to(dtype))
-        up = physics.upsample(yn, "cubic")[None, None].expand(hr)
+        base = physics.upsample(yn, "cubic")
+        up = base[None, None].expand(hr)
         mirrors = _mirrors(physics, n_samples, bool(settings.get("antithetic"))) if settings.get("mirror") else []
         if any(mirrors):
             up = torch.stack([up[0].flip([1 + a for a in m]) if m else up[0] for m in mirrors])
@@ -259,6 +276,9 @@ def solve(y, physics, prior, settings, progress, generator):
         x = (up + model.residual_scale * z)[:, 0]
         if any(mirrors):
             x = torch.stack([x[s].flip(list(m)) if m else x[s] for s, m in enumerate(mirrors)])
+        air = input_air(yn, physics) if settings.get("keep_air") else None
+        if air is not None:
+            x = torch.where(air, base, x)
         if settings["project"]:
             x = physics.data_consistency(x, yn)
         out = scale.to_input(x)
@@ -268,7 +288,8 @@ def solve(y, physics, prior, settings, progress, generator):
     info = {"samples": n_samples, "patch": list(patch), "batch": batch, "axis_turned_to_k": turn,
             "mirrored_axis": next((m[0] for m in mirrors if m), None),
             "intensity_scale": [scale.lo, scale.hi],
-            "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4), "adapted": adapted,
+            "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4),
+            "air_kept": round(float(air.float().mean()), 4) if air is not None else None, "adapted": adapted,
             "phase_seconds": {"adaptation": round(adapted_at - started, 2),
                               "sampling": round(time.perf_counter() - adapted_at, 2)}}
     return SolveResult(out.mean(0), extras, info)

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 import torch
-from conftest import phantom
+from conftest import phantom, smooth_volume
 from test_cli import cli
 from test_diffusion_parts import tiny_paired
 
@@ -82,6 +83,31 @@ def test_uncertainty_and_untrained_operator_warning(prior):
     std = out.extras["uncertainty"].array
     assert std.shape == HR and float(std.max()) > 0
     assert any(e["event"] == "warning" and "not trained on thick-slice" in e["message"] for e in ev)
+
+
+def test_a_skull_stripped_input_keeps_its_air_and_all_of_its_brain(prior):
+    # a brain with an oblique surface on an exactly zero background, as skull stripping leaves a scan
+    shape = (24, 24, 16)
+    i, j, k = np.meshgrid(*[np.arange(n) - (n - 1) / 2.0 for n in shape], indexing="ij")
+    ball = np.sqrt(i ** 2 + j ** 2 + (1.3 * k) ** 2) < 7.0
+    hr = np.where(ball, 200.0 + 300.0 * smooth_volume(shape, 3, scale=2.0), 0.0)
+    spec = OperatorSpec.make("slice-removal", 2, 2.0)
+    lr = Volume.from_array(spec.bind_hr(shape).forward(torch.as_tensor(hr)).float().numpy())
+    on = _run(prior, lr, spec, samples=2)
+    off = _run(prior, lr, spec, samples=2, keep_air=False)
+    interp = super_resolve(lr, "bspline", spec, None, None, device="cpu").volume.array
+    a, b = on.volume.array, off.volume.array
+    # every voxel of the brain and the voxel around it is the model's, exactly as without the rule
+    near = ndimage.binary_dilation(ball, iterations=1)
+    assert np.array_equal(a[near], b[near])
+    # more than two voxels in-plane and one LR slice (plus the interpolation's reach) away, the model's residual
+    # (sample noise in air) is gone: the interpolated input, with no spread
+    far = ~ndimage.binary_dilation(ball, structure=np.ones((7, 7, 9), bool))
+    assert far.sum() > 100
+    assert float(np.abs(b[far] - interp[far]).max()) > 1e-2
+    assert np.allclose(a[far], interp[far], atol=1e-4)
+    assert float(on.extras["uncertainty"].array[far].max()) < 1e-4
+    assert 0.3 < on.info["air_kept"] < 1.0 and off.info["air_kept"] is None
 
 
 def _gate_row(delta, device="cpu", method="paired-ddpm"):
