@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from scipy import ndimage
 import torch
 from conftest import phantom, smooth_volume
+from scipy import ndimage
 from test_cli import cli
 from test_diffusion_parts import tiny_paired
 
