@@ -37,7 +37,9 @@ from .registry import SEED, Setting, SolveResult, register
 
 AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
 ADAPT_CHOICES = ("off", "auto", "on")
-ADAPT_AUTO_KINDS = ("thick-slice",)  # measured: adapting helped 5 mm thick slices and hurt 8 mm slice removal
+# Measured with the T1-only weights: adapting helped T2/FLAIR 5 mm thick slices and hurt 8 mm slice removal; the
+# mixed-contrast weights gain nothing from it at 5 mm either (docs/benchmarks.md), hence off by default
+ADAPT_AUTO_KINDS = ("thick-slice",)
 ADAPT_SHARE = 0.5  # of the progress bar, for the fine-tuning when adapt is on (about half the time by default)
 
 SETTINGS = [
@@ -74,8 +76,9 @@ SETTINGS = [
             "for thick-slice profiles)."),
     Setting("adapt", "choice", "off", "Learn from this scan before sampling: fine-tune a copy of the model on "
             "pairs made by degrading the scan's own sharp in-plane slices the same way (the shipped model is not "
-            "changed). auto: for thick-slice scans, where it measured a gain; not for slice removal, where the prior "
-            "alone did better. Needs an in-plane spacing that matches the output spacing.",
+            "changed). auto: for thick-slice scans only (it lost on slice removal). With the shipped weights it "
+            "measured no gain on T1, T2 or FLAIR; try it on other contrasts. Needs an in-plane spacing that "
+            "matches the output spacing.",
             choices=ADAPT_CHOICES),
     # 50 steps: on a held-out T2-like head at 5 mm, a 100-step run scored best at step 50 (the pairs' loss keeps
     # falling, but later steps fit the pairs' own smooth axis more than the thick axis to restore)
