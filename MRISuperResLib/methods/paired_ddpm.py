@@ -17,9 +17,12 @@ the model diffusion/paired_model.py, the DDIM step priors/ddim.py.
 Every step's noise prediction covers the whole volume before the update, so all patches share one timestep
 and one noise draw, and overlapping patches never disagree about z.
 Its prior works on patches, not on one grid: it runs on the input's own HR grid, with no registration (native.py).
+The network sees the volume flipped and its axes swapped into its training orientation, the degraded axis at k
+(patch_view; exact, no resampling), and its answer is turned back.
 """
 
 import time
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -111,24 +114,55 @@ def _trained_for(prior, physics) -> bool:
     return not ops or any(o.get("operator") == physics.spec.kind for o in ops)
 
 
-def _swap(a: int, b: int):
-    order = [0, 1, 2]
-    order[a], order[b] = order[b], order[a]
-    return order
+def _axes_of(direction) -> Optional[List[Tuple[int, float]]]:
+    """Per index axis, the physical (LPS) axis it runs along most and its sign; None for no grid or two index
+    axes along one physical axis (an oblique grid near 45 degrees)."""
+    if direction is None:
+        return None
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    axes = [(int(np.argmax(np.abs(d[:, a]))), 0.0) for a in range(3)]
+    axes = [(p, float(np.sign(d[p, a]))) for a, (p, _) in enumerate(axes)]
+    return axes if len({p for p, _ in axes}) == 3 else None
 
 
-def _turn_to_trained_axis(prior, physics):
-    """The degraded axis to swap with k when the prior only learnt through-plane (k) degradations, else None.
+def patch_view(prior, physics) -> Tuple[List[int], List[int]]:
+    """(order, flips): the network sees the volume flipped along the index axes `flips`, then with its axes in
+    `order` (view axis v holds input axis order[v]): the orientation its training brains had (the card's grid
+    direction), with the degraded axis at k when the prior only learnt through-plane (k) degradations.
 
-    A patch network is local, so slices along i or j look to it like slices along k in another orientation;
-    swapping the two axes inside each patch (exact, no resampling) keeps the input in its training distribution.
+    A patch network learns the anatomy's orientation too: on a held-out head at 8 mm, the same input stored upside
+    down scored 0.23 dB lower (docs/benchmarks.md). Flips and axis swaps are exact: no resampling.
     """
     ops = ((prior.card.get("paired") or {}).get("operators")) or []
-    trained = {a for o in ops for a in o.get("axes", [])}
-    axes = list(physics.axes)
-    if trained != {2} or len(axes) != 1 or axes[0] == 2:
-        return None
-    return int(axes[0])
+    k_only = {a for o in ops for a in o.get("axes", [])} == {2} and len(physics.axes) == 1
+    trained = _axes_of((prior.card.get("grid") or {}).get("direction"))
+    have = _axes_of(getattr(physics, "hr_direction", None)) if trained else None
+    if have is None:  # no orientation to match: only turn the degraded axis to k
+        order = [0, 1, 2]
+        if k_only:
+            a = int(physics.axes[0])
+            order[a], order[2] = order[2], order[a]
+        return order, []
+    target = list(trained)
+    if k_only:
+        # the training axis that runs where this scan's slices are thick trades places with k
+        v = [p for p, _ in target].index(have[int(physics.axes[0])][0])
+        target[v], target[2] = target[2], target[v]
+    order = [[p for p, _ in have].index(tp) for tp, _ in target]
+    flips = sorted(order[v] for v, (_, sign) in enumerate(target) if have[order[v]][1] != sign)
+    return order, flips
+
+
+def _to_view(t: torch.Tensor, order: List[int], flips: List[int]) -> torch.Tensor:
+    """(n, c, i, j, k) in input axes -> the network's view (patch_view)."""
+    t = t.flip([2 + a for a in flips]) if flips else t
+    return t.permute(0, 1, *[2 + a for a in order])
+
+
+def _from_view(t: torch.Tensor, order: List[int], flips: List[int]) -> torch.Tensor:
+    back = [order.index(a) for a in range(3)]
+    t = t.permute(0, 1, *[2 + v for v in back])
+    return t.flip([2 + a for a in flips]) if flips else t
 
 
 def left_right_axis(physics) -> int:
@@ -230,12 +264,11 @@ def solve(y, physics, prior, settings, progress, generator):
     started = time.perf_counter()
     model, adapted, progress = _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress, generator)
     adapted_at = time.perf_counter()
-    turn = _turn_to_trained_axis(prior, physics)
+    order, flips = patch_view(prior, physics)
     cond = condition_of(physics)
-    if turn is not None:
-        cond = torch.cat([cond[:-3], cond[-3:][list(_swap(turn, 2))]])
-    cond = cond.to(net_dev)
+    cond = torch.cat([cond[:-3], cond[-3:][order]]).to(net_dev)
     hr = (n_samples, 1) + tuple(physics.hr_shape)
+    hr_view = hr[:2] + tuple(hr[2 + a] for a in order)
 
     def randn(shape):
         return sample_noise(shape, generator, bool(settings.get("antithetic")), dev, dtype)
@@ -250,7 +283,8 @@ def solve(y, physics, prior, settings, progress, generator):
         # Why zero: at t = T the chain's input holds no signal, and the network's answer at the noise's mean
         # came within 0.1 dB (PSNR) of the average of 12 random starts on the held-out gate head at 8 mm, at 1/12
         # of the cost; SSIM is lower (0.810 against 0.832), so samples stay the default.
-        z = torch.zeros(hr, device=dev, dtype=dtype) if settings.get("mean_start") else randn(hr)
+        up = _to_view(up, order, flips)
+        z = torch.zeros(hr_view, device=dev, dtype=dtype) if settings.get("mean_start") else randn(hr_view)
         patch = model.patch if not settings.get("patch") else (int(settings["patch"]),) * 3
         _check_patch(prior, patch)
         skipped = [0, 0]
@@ -265,18 +299,16 @@ def solve(y, physics, prior, settings, progress, generator):
                 skipped[1] += chunk.shape[0]
                 if bool(busy.any()):
                     part = chunk[busy].to(net_dev)
-                    if turn is not None:
-                        part = part.transpose(2 + turn, 4)
                     e = model.eps(part[:, :1], part[:, 1:2], cond.expand(part.shape[0], -1), t)
-                    eps[busy] = (e.transpose(2 + turn, 4) if turn is not None else e).to(dev, dtype)
+                    eps[busy] = e.to(dev, dtype)
                 return eps
 
             eps_hat, batch = _window_fitting_memory(eps_fn, torch.cat([z, up], 1), patch, float(settings["overlap"]),
                                                     batch, progress)
-            z = ddim_step(z, eps_hat, ab_t, ab_prev, eta, randn(hr) if eta > 0 and ab_prev < 1.0 else None,
+            z = ddim_step(z, eps_hat, ab_t, ab_prev, eta, randn(hr_view) if eta > 0 and ab_prev < 1.0 else None,
                           model.clip)
             progress(n, len(pairs), "DDIM step %d of %d (t = %d)" % (n, len(pairs), t))
-        x = (up + model.residual_scale * z)[:, 0]
+        x = _from_view(up + model.residual_scale * z, order, flips)[:, 0]
         if any(mirrors):
             x = torch.stack([x[s].flip(list(m)) if m else x[s] for s, m in enumerate(mirrors)])
         air = input_air(yn, physics) if settings.get("keep_air") else None
@@ -288,7 +320,8 @@ def solve(y, physics, prior, settings, progress, generator):
         extras = {}
         if n_samples > 1:
             extras["uncertainty"] = out.std(0)
-    info = {"samples": n_samples, "patch": list(patch), "batch": batch, "axis_turned_to_k": turn,
+    info = {"samples": n_samples, "patch": list(patch), "batch": batch,
+            "axis_turned_to_k": order[2] if order[2] != 2 else None, "view": {"order": order, "flipped": flips},
             "mirrored_axis": next((m[0] for m in mirrors if m), None),
             "intensity_scale": [scale.lo, scale.hi],
             "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4),
