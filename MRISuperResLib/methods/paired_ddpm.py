@@ -22,7 +22,6 @@ The network sees the volume flipped and its axes swapped into its training orien
 """
 
 import time
-from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from ..diffusion.paired_model import PairedModel, condition_of
 from ..diffusion.patches import sliding_window
 from ..errors import InputError, ResourceError
 from ..intensity import robust_scale
+from ..orientation import apply_reorientation, orientation_code, reorientation, undo_reorientation
 from ..priors.ddim import ddim_step
 from .registry import SEED, Setting, SolveResult, register
 
@@ -114,55 +114,35 @@ def _trained_for(prior, physics) -> bool:
     return not ops or any(o.get("operator") == physics.spec.kind for o in ops)
 
 
-def _axes_of(direction) -> Optional[List[Tuple[int, float]]]:
-    """Per index axis, the physical (LPS) axis it runs along most and its sign; None for no grid or two index
-    axes along one physical axis (an oblique grid near 45 degrees)."""
-    if direction is None:
-        return None
-    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    axes = [(int(np.argmax(np.abs(d[:, a]))), 0.0) for a in range(3)]
-    axes = [(p, float(np.sign(d[p, a]))) for a, (p, _) in enumerate(axes)]
-    return axes if len({p for p, _ in axes}) == 3 else None
-
-
-def patch_view(prior, physics) -> Tuple[List[int], List[int]]:
-    """(order, flips): the network sees the volume flipped along the index axes `flips`, then with its axes in
-    `order` (view axis v holds input axis order[v]): the orientation its training brains had (the card's grid
-    direction), with the degraded axis at k when the prior only learnt through-plane (k) degradations.
+def patch_view(prior, physics):
+    """(perm, flips, codes): the network sees apply_reorientation(x, perm, flips) (orientation.py): the orientation
+    its training brains had (the card's grid direction), with the degraded axis at k when the prior only learnt
+    through-plane (k) degradations; codes = (the input's orientation code, the network's), None when not known.
 
     A patch network learns the anatomy's orientation too: on a held-out head at 8 mm, the same input stored upside
     down scored 0.23 dB lower (docs/benchmarks.md). Flips and axis swaps are exact: no resampling.
     """
     ops = ((prior.card.get("paired") or {}).get("operators")) or []
     k_only = {a for o in ops for a in o.get("axes", [])} == {2} and len(physics.axes) == 1
-    trained = _axes_of((prior.card.get("grid") or {}).get("direction"))
-    have = _axes_of(getattr(physics, "hr_direction", None)) if trained else None
-    if have is None:  # no orientation to match: only turn the degraded axis to k
-        order = [0, 1, 2]
+    trained = (prior.card.get("grid") or {}).get("direction")
+    have = getattr(physics, "hr_direction", None)
+    if trained is not None and have is not None:
+        source, target = orientation_code(have), list(orientation_code(trained))
         if k_only:
-            a = int(physics.axes[0])
-            order[a], order[2] = order[2], order[a]
-        return order, []
-    target = list(trained)
+            # the training axis that runs where this scan's slices are thick trades places with k
+            along = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
+            v = [along[c] for c in target].index(along[source[int(physics.axes[0])]])
+            target[v], target[2] = target[2], target[v]
+        try:
+            perm, flips = reorientation(source, "".join(target))
+            return list(perm), list(flips), (source, "".join(target))
+        except ValueError:  # an oblique grid near 45 degrees: two index axes along one anatomical axis
+            pass
+    perm = [0, 1, 2]
     if k_only:
-        # the training axis that runs where this scan's slices are thick trades places with k
-        v = [p for p, _ in target].index(have[int(physics.axes[0])][0])
-        target[v], target[2] = target[2], target[v]
-    order = [[p for p, _ in have].index(tp) for tp, _ in target]
-    flips = sorted(order[v] for v, (_, sign) in enumerate(target) if have[order[v]][1] != sign)
-    return order, flips
-
-
-def _to_view(t: torch.Tensor, order: List[int], flips: List[int]) -> torch.Tensor:
-    """(n, c, i, j, k) in input axes -> the network's view (patch_view)."""
-    t = t.flip([2 + a for a in flips]) if flips else t
-    return t.permute(0, 1, *[2 + a for a in order])
-
-
-def _from_view(t: torch.Tensor, order: List[int], flips: List[int]) -> torch.Tensor:
-    back = [order.index(a) for a in range(3)]
-    t = t.permute(0, 1, *[2 + v for v in back])
-    return t.flip([2 + a for a in flips]) if flips else t
+        a = int(physics.axes[0])
+        perm[a], perm[2] = perm[2], perm[a]
+    return perm, [], None
 
 
 def left_right_axis(physics) -> int:
@@ -264,7 +244,7 @@ def solve(y, physics, prior, settings, progress, generator):
     started = time.perf_counter()
     model, adapted, progress = _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress, generator)
     adapted_at = time.perf_counter()
-    order, flips = patch_view(prior, physics)
+    order, flips, codes = patch_view(prior, physics)
     cond = condition_of(physics)
     cond = torch.cat([cond[:-3], cond[-3:][order]]).to(net_dev)
     hr = (n_samples, 1) + tuple(physics.hr_shape)
@@ -283,7 +263,7 @@ def solve(y, physics, prior, settings, progress, generator):
         # Why zero: at t = T the chain's input holds no signal, and the network's answer at the noise's mean
         # came within 0.1 dB (PSNR) of the average of 12 random starts on the held-out gate head at 8 mm, at 1/12
         # of the cost; SSIM is lower (0.810 against 0.832), so samples stay the default.
-        up = _to_view(up, order, flips)
+        up = apply_reorientation(up, order, flips)
         z = torch.zeros(hr_view, device=dev, dtype=dtype) if settings.get("mean_start") else randn(hr_view)
         patch = model.patch if not settings.get("patch") else (int(settings["patch"]),) * 3
         _check_patch(prior, patch)
@@ -308,7 +288,7 @@ def solve(y, physics, prior, settings, progress, generator):
             z = ddim_step(z, eps_hat, ab_t, ab_prev, eta, randn(hr_view) if eta > 0 and ab_prev < 1.0 else None,
                           model.clip)
             progress(n, len(pairs), "DDIM step %d of %d (t = %d)" % (n, len(pairs), t))
-        x = _from_view(up + model.residual_scale * z, order, flips)[:, 0]
+        x = undo_reorientation(up + model.residual_scale * z, order, flips)[:, 0]
         if any(mirrors):
             x = torch.stack([x[s].flip(list(m)) if m else x[s] for s, m in enumerate(mirrors)])
         air = input_air(yn, physics) if settings.get("keep_air") else None
@@ -321,7 +301,8 @@ def solve(y, physics, prior, settings, progress, generator):
         if n_samples > 1:
             extras["uncertainty"] = out.std(0)
     info = {"samples": n_samples, "patch": list(patch), "batch": batch,
-            "axis_turned_to_k": order[2] if order[2] != 2 else None, "view": {"order": order, "flipped": flips},
+            "axis_turned_to_k": order[2] if order[2] != 2 else None,
+            "view": dict(zip(("input", "network"), codes)) if codes else None,
             "mirrored_axis": next((m[0] for m in mirrors if m), None),
             "intensity_scale": [scale.lo, scale.hi],
             "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4),

@@ -319,23 +319,25 @@ def test_the_network_sees_its_training_orientation_however_the_scan_is_stored(pr
                         Grid(g.shape, g.spacing, g.index_to_physical((0, g.shape[1] - 1, 0)), las))
     a = _run(oriented, lps, spec, samples=2, seed=4)
     b = _run(oriented, stored_las, spec, samples=2, seed=4)
-    assert a.info["view"] == {"order": [0, 1, 2], "flipped": [1]} and b.info["view"]["flipped"] == []
+    assert a.info["view"] == {"input": "LPS", "network": "LAS"} and b.info["view"] == {"input": "LAS", "network": "LAS"}
     np.testing.assert_allclose(a.volume.array, b.volume.array[:, ::-1], rtol=0, atol=1e-5 * np.ptp(a.volume.array))
     np.testing.assert_allclose(a.volume.grid.index_to_physical((0, 0, 0)),
                                b.volume.grid.index_to_physical((0, HR[1] - 1, 0)), atol=1e-6)
     # a prior whose card names no orientation sees each array as stored, and this network is not symmetric
     c = _run(prior, lps, spec, samples=2, seed=4)
     d = _run(prior, stored_las, spec, samples=2, seed=4)
-    assert c.info["view"]["flipped"] == [] and not np.allclose(c.volume.array, d.volume.array[:, ::-1], atol=1e-3)
+    assert c.info["view"] is None and not np.allclose(c.volume.array, d.volume.array[:, ::-1], atol=1e-3)
 
     class Scan:  # a coronal DICOM series: columns left, rows inferior, slices (thick) posterior
         axes = (2,)
         hr_direction = (1, 0, 0, 0, 0, 1, 0, -1, 0)
 
     # k-only prior: left stays i, superior (rows flipped) goes to j, the thick axis stays k, turned anterior
-    assert patch_view(oriented, Scan) == ([0, 1, 2], [1, 2])
-    Scan.axes = (0,)  # thick columns (left-right): as a sagittal scan would be trained, superior at i, anterior j
-    assert patch_view(oriented, Scan) == ([1, 2, 0], [1, 2])
+    assert patch_view(oriented, Scan) == ([0, 1, 2], [1, 2], ("LIP", "LSA"))
+    Scan.axes = (0,)  # thick columns (left-right): the network's left-right axis trades places with k
+    assert patch_view(oriented, Scan) == ([1, 2, 0], [0, 1], ("LIP", "SAL"))
+    Scan.hr_direction = None  # no grid: the thick axis is only turned to k
+    assert patch_view(oriented, Scan) == ([2, 1, 0], [], None)
 
 
 def test_gpu_out_of_memory_halves_the_batch_then_says_what_to_do(prior, monkeypatch):
