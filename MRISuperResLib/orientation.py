@@ -7,7 +7,7 @@ convert between a code and the axis-aligned ITK direction; `reorientation` gives
 present an array labelled with one code in another.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -57,6 +57,29 @@ def reorientation(source: str, target: str):
         else:
             raise ValueError("orientation %s has no axis along %s" % (source, t))
     return tuple(perm), tuple(flips)
+
+
+def network_view(trained_direction, direction, to_k: Optional[int] = None):
+    """(perm, flips, codes) presenting an array on grid `direction` to a network trained on arrays on
+    `trained_direction` (apply_reorientation), with the array's index axis `to_k` at k: the training axis that
+    runs where `to_k` does trades places with k. codes = (source, target) orientation codes, or None when a
+    direction is unknown or oblique near 45 degrees; then the only change is `to_k` swapped with k.
+    """
+    if trained_direction is not None and direction is not None:
+        source, target = orientation_code(direction), list(orientation_code(trained_direction))
+        if to_k is not None:
+            along = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
+            v = [along[c] for c in target].index(along[source[int(to_k)]])
+            target[v], target[2] = target[2], target[v]
+        try:
+            perm, flips = reorientation(source, "".join(target))
+            return list(perm), list(flips), (source, "".join(target))
+        except ValueError:  # two index axes along one anatomical axis
+            pass
+    perm = [0, 1, 2]
+    if to_k is not None:
+        perm[int(to_k)], perm[2] = perm[2], perm[int(to_k)]
+    return perm, [], None
 
 
 def apply_reorientation(x: torch.Tensor, perm, flips) -> torch.Tensor:

@@ -34,7 +34,7 @@ from ..diffusion.paired_model import PairedModel, condition_of
 from ..diffusion.patches import sliding_window
 from ..errors import InputError, ResourceError
 from ..intensity import robust_scale
-from ..orientation import apply_reorientation, orientation_code, reorientation, undo_reorientation
+from ..orientation import apply_reorientation, network_view, undo_reorientation
 from ..priors.ddim import ddim_step
 from .registry import SEED, Setting, SolveResult, register
 
@@ -115,34 +115,17 @@ def _trained_for(prior, physics) -> bool:
 
 
 def patch_view(prior, physics):
-    """(perm, flips, codes): the network sees apply_reorientation(x, perm, flips) (orientation.py): the orientation
-    its training brains had (the card's grid direction), with the degraded axis at k when the prior only learnt
-    through-plane (k) degradations; codes = (the input's orientation code, the network's), None when not known.
+    """(perm, flips, codes) of orientation.network_view: the network sees the scan in the orientation its training
+    brains had (the card's grid direction), the degraded axis at k when the prior only learnt through-plane (k)
+    degradations.
 
     A patch network learns the anatomy's orientation too: on a held-out head at 8 mm, the same input stored upside
     down scored 0.23 dB lower (docs/benchmarks.md). Flips and axis swaps are exact: no resampling.
     """
     ops = ((prior.card.get("paired") or {}).get("operators")) or []
     k_only = {a for o in ops for a in o.get("axes", [])} == {2} and len(physics.axes) == 1
-    trained = (prior.card.get("grid") or {}).get("direction")
-    have = getattr(physics, "hr_direction", None)
-    if trained is not None and have is not None:
-        source, target = orientation_code(have), list(orientation_code(trained))
-        if k_only:
-            # the training axis that runs where this scan's slices are thick trades places with k
-            along = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
-            v = [along[c] for c in target].index(along[source[int(physics.axes[0])]])
-            target[v], target[2] = target[2], target[v]
-        try:
-            perm, flips = reorientation(source, "".join(target))
-            return list(perm), list(flips), (source, "".join(target))
-        except ValueError:  # an oblique grid near 45 degrees: two index axes along one anatomical axis
-            pass
-    perm = [0, 1, 2]
-    if k_only:
-        a = int(physics.axes[0])
-        perm[a], perm[2] = perm[2], perm[a]
-    return perm, [], None
+    return network_view((prior.card.get("grid") or {}).get("direction"), getattr(physics, "hr_direction", None),
+                        int(physics.axes[0]) if k_only else None)
 
 
 def left_right_axis(physics) -> int:
