@@ -100,6 +100,6 @@ def check_answer_independent_of_storage(run, prior, lps):
     assert a.info["view"] == {"input": "LPS", "network": "LAS"} and b.info["view"] == {"input": "LAS", "network": "LAS"}
     np.testing.assert_allclose(a.volume.array, b.volume.array[:, ::-1], rtol=0, atol=1e-5 * np.ptp(a.volume.array))
     np.testing.assert_allclose(a.volume.grid.index_to_physical((0, 0, 0)),
-                               b.volume.grid.index_to_physical((0, g.shape[1] - 1, 0)), atol=1e-6)
+                               b.volume.grid.index_to_physical((0, b.volume.grid.shape[1] - 1, 0)), atol=1e-6)
     c, d = run(prior, lps), run(prior, stored_las)
     assert c.info["view"] is None and not np.allclose(c.volume.array, d.volume.array[:, ::-1], atol=1e-3)
