@@ -62,18 +62,18 @@ def reorientation(source: str, target: str):
 def network_view(trained_direction, direction, to_k: Optional[int] = None):
     """(perm, flips, codes) presenting an array on grid `direction` to a network trained on arrays on
     `trained_direction` (apply_reorientation), with the array's index axis `to_k` at k: the training axis that
-    runs where `to_k` does trades places with k. codes = (source, target) orientation codes, or None when a
+    runs where `to_k` does trades places with k. codes = {"input": code, "network": code}, or None when a
     direction is unknown or oblique near 45 degrees; then the only change is `to_k` swapped with k.
     """
     if trained_direction is not None and direction is not None:
         source, target = orientation_code(direction), list(orientation_code(trained_direction))
         if to_k is not None:
-            along = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
+            along = {letter: r for r, pair in enumerate(_LABELS) for letter in pair}
             v = [along[c] for c in target].index(along[source[int(to_k)]])
             target[v], target[2] = target[2], target[v]
         try:
             perm, flips = reorientation(source, "".join(target))
-            return list(perm), list(flips), (source, "".join(target))
+            return list(perm), list(flips), {"input": source, "network": "".join(target)}
         except ValueError:  # two index axes along one anatomical axis
             pass
     perm = [0, 1, 2]

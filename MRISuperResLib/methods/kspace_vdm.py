@@ -40,6 +40,7 @@ from ..diffusion.vdm import VDM, alpha2, ancestral_step, sigma2
 from ..errors import InputError
 from ..intensity import robust_scale
 from ..orientation import apply_reorientation, network_view, undo_reorientation
+from ..priors.reference import card_direction
 from .registry import SEED, Setting, SolveResult, register
 
 SETTINGS = [
@@ -111,8 +112,7 @@ def solve(y, physics, prior, settings, progress, generator):
     axis = slice_axis(physics)
     # The network sees the slices as its training heads were stored (measured: a head stored posterior-first lost
     # 0.04 dB at 4x, docs/benchmarks.md); exact flips and axis swaps, undone on its answer
-    perm, flips, codes = network_view((prior.card.get("grid") or {}).get("direction"),
-                                      getattr(physics, "hr_direction", None))
+    perm, flips, codes = network_view(card_direction(prior.card), getattr(physics, "hr_direction", None))
     steps, lam, n_samples = int(settings["steps"]), float(settings["lambda"]), int(settings["samples"])
     scale = robust_scale(y)
     dev, dtype = y.device, torch.float32
@@ -147,7 +147,7 @@ def solve(y, physics, prior, settings, progress, generator):
         extras = {}
         if n_samples > 1:
             extras["uncertainty"] = out.std(0)
-    info = {"slice_axis": axis, "view": dict(zip(("input", "network"), codes)) if codes else None,
+    info = {"slice_axis": axis, "view": codes,
             "samples": n_samples, "intensity_scale": [scale.lo, scale.hi],
             "gamma_range": list(ends)}
     return SolveResult(out.mean(0), extras, info)

@@ -36,6 +36,7 @@ from ..errors import InputError, ResourceError
 from ..intensity import robust_scale
 from ..orientation import apply_reorientation, network_view, undo_reorientation
 from ..priors.ddim import ddim_step
+from ..priors.reference import card_direction
 from .registry import SEED, Setting, SolveResult, register
 
 AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
@@ -124,7 +125,7 @@ def patch_view(prior, physics):
     """
     ops = ((prior.card.get("paired") or {}).get("operators")) or []
     k_only = {a for o in ops for a in o.get("axes", [])} == {2} and len(physics.axes) == 1
-    return network_view((prior.card.get("grid") or {}).get("direction"), getattr(physics, "hr_direction", None),
+    return network_view(card_direction(prior.card), getattr(physics, "hr_direction", None),
                         int(physics.axes[0]) if k_only else None)
 
 
@@ -285,7 +286,7 @@ def solve(y, physics, prior, settings, progress, generator):
             extras["uncertainty"] = out.std(0)
     info = {"samples": n_samples, "patch": list(patch), "batch": batch,
             "axis_turned_to_k": order[2] if order[2] != 2 else None,
-            "view": dict(zip(("input", "network"), codes)) if codes else None,
+            "view": codes,
             "mirrored_axis": next((m[0] for m in mirrors if m), None),
             "intensity_scale": [scale.lo, scale.hi],
             "air_patches_skipped": round(skipped[0] / max(skipped[1], 1), 4),

@@ -11,7 +11,7 @@ Otsu's threshold, its largest component and its holes filled (metrics.head_mask)
 
 import os
 import weakref
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,18 +26,28 @@ from ..volume import Grid, Volume, read_volume
 _CACHE = weakref.WeakKeyDictionary()
 
 
+def card_direction(card: dict) -> Optional[np.ndarray]:
+    """The direction (3x3, LPS) of the arrays the prior trained on: grid.direction, else what grid.orientation
+    names; None when the card says neither."""
+    g = card.get("grid") or {}
+    if g.get("direction") is not None:
+        return np.asarray(g["direction"], dtype=np.float64).reshape(3, 3)
+    if not g.get("orientation"):
+        return None
+    try:
+        return np.asarray(direction_of(g["orientation"])).reshape(3, 3)
+    except ValueError as exc:
+        raise InputError("Model card: grid.orientation is not usable (%s)." % exc,
+                         "Give grid.direction (9 numbers, LPS) or an orientation code such as LAS.") from None
+
+
 def prior_grid(card: dict) -> Grid:
     g = card.get("grid") or {}
     shape = tuple(int(n) for n in g["shape"])
     spacing = [float(s) for s in (g.get("spacing") or (1.0, 1.0, 1.0))]
-    if g.get("direction") is not None:
-        direction = np.asarray(g["direction"], dtype=np.float64).reshape(3, 3)
-    else:
-        try:
-            direction = np.asarray(direction_of(g.get("orientation") or "LPS")).reshape(3, 3)
-        except ValueError as exc:
-            raise InputError("Model card: grid.orientation is not usable (%s)." % exc,
-                             "Give grid.direction (9 numbers, LPS) or an orientation code such as LAS.") from None
+    direction = card_direction(card)
+    if direction is None:
+        direction = np.asarray(direction_of("LPS")).reshape(3, 3)
     if g.get("origin") is not None:
         origin = np.asarray(g["origin"], dtype=np.float64)
     else:

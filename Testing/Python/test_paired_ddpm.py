@@ -319,9 +319,9 @@ def test_the_network_sees_its_training_orientation_however_the_scan_is_stored(pr
         hr_direction = (1, 0, 0, 0, 0, 1, 0, -1, 0)
 
     # k-only prior: left stays i, superior (rows flipped) goes to j, the thick axis stays k, turned anterior
-    assert patch_view(oriented, Scan) == ([0, 1, 2], [1, 2], ("LIP", "LSA"))
+    assert patch_view(oriented, Scan) == ([0, 1, 2], [1, 2], {"input": "LIP", "network": "LSA"})
     Scan.axes = (0,)  # thick columns (left-right): the network's left-right axis trades places with k
-    assert patch_view(oriented, Scan) == ([1, 2, 0], [0, 1], ("LIP", "SAL"))
+    assert patch_view(oriented, Scan) == ([1, 2, 0], [0, 1], {"input": "LIP", "network": "SAL"})
     Scan.hr_direction = None  # no grid: the thick axis is only turned to k
     assert patch_view(oriented, Scan) == ([2, 1, 0], [], None)
 
