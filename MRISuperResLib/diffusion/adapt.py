@@ -11,8 +11,11 @@ A_b the run's operator (kind, factor, profile) acting along b.
 
 1. a pair: a block of V of patch + 2 margin voxels around a random voxel of the head; hr = block,
    up = B-spline(A_b hr) along b; the centre patch of both (the margin keeps borders like the inside)
-2. turn the pair so that b lies where the prior learnt its degraded axis (k); flip each axis and swap the other two
-   at random (augmentation)
+2. show the pair as sampling shows the scan: flipped and turned into the prior's training orientation with b at
+   k (orientation.network_view, as paired-ddpm's patch view does with the thick axis); mirrored left-right at
+   random, as sampling mirrors half of its samples. No other flips or swaps: a patch network learns the anatomy's
+   orientation (upside-down inputs lost 0.23 dB), so pairs in orientations sampling never shows would spend the few
+   steps on them
 3. Adam on a copy of the UNet, the paired loss at the sampling chain's own timesteps (diffusion/paired_model.py), the
    learning rate decaying to zero on a half cosine over the budget
 4. stop after `steps` steps or `seconds`, whichever comes first
@@ -27,6 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..errors import InputError
+from ..orientation import apply_reorientation, network_view
 from ..physics import OperatorSpec
 from .paired_model import PairedModel, condition_vector, paired_loss
 
@@ -64,24 +68,26 @@ def degrade_along(block: torch.Tensor, spec: OperatorSpec, axis: int) -> torch.T
     return op.upsample(op.forward(block), "cubic")
 
 
-def _to_k(t: torch.Tensor, b: int) -> torch.Tensor:
-    return t if b == 2 else t.transpose(b, 2)
-
-
 class ScanPairs:
     """LR/HR training pairs drawn from one scan's in-plane detail (module docstring, steps 1-2)."""
 
     def __init__(self, volume: torch.Tensor, physics, patch: Sequence[int], margin: int = 8,
-                 floor: float = -0.9):
-        """volume: V, the B-spline upsampled input on the HR grid, diffusion units; floor: voxels above it are head."""
+                 floor: float = -0.9, trained_direction=None):
+        """volume: V, the B-spline upsampled input on the HR grid, diffusion units; floor: voxels above it are head;
+        trained_direction: the prior's training grid direction (its card), None when unknown (then b only trades
+        places with k)."""
         reason = why_not_adaptable(physics)
         if reason:
             raise InputError("This scan cannot teach the model: %s." % reason,
                              "Turn adaptation off (adapt=false), or give the operator of a thick-slice acquisition.")
-        self.volume = volume.detach().to("cpu", torch.float32)
+        # Held in the network's view with the thick axis at k (as sampling shows the scan), so the pairs, their
+        # draws and so the fine-tuned weights do not depend on how the scan is stored
+        perm, flips, codes = network_view(trained_direction, getattr(physics, "hr_direction", None), physics.axes[0])
+        self.volume = apply_reorientation(volume.detach().to("cpu", torch.float32), perm, flips).contiguous()
         self.spec = physics.spec
-        self.thick = physics.axes[0]
-        self.inplane = [b for b in range(3) if b != self.thick]
+        self.inplane = [0, 1]
+        # the view's left-right axis, None when the grid's direction is unknown
+        self.left_right = [c in "LR" for c in codes["network"]].index(True) if codes else None
         self.patch = int(max(patch))
         self.margin = int(margin)
         big = self.patch + 2 * self.margin
@@ -100,16 +106,25 @@ class ScanPairs:
         if centres.shape[0] == 0:
             centres = torch.ones_like(inner, dtype=torch.bool).nonzero()
         self.centres = centres + lo
-        factors = [1.0, 1.0, self.spec.factors[self.thick]]
+        factors = [1.0, 1.0, self.spec.factors[physics.axes[0]]]
         self.cond = condition_vector(self.spec.kind, self.spec.profile, factors)
 
     def pair(self, b: int, centre: Sequence[int]):
-        """(hr, up) of the patch centred at `centre` degraded along in-plane axis b, turned so b is k (no flips)."""
+        """(hr, up) of the patch centred at `centre` degraded along in-plane axis b (both in the thick axis's view,
+        `self.volume`), b then trading places with k as the network view does for a scan thick along b."""
         c = [int(x) - self.big // 2 for x in centre]
         block = self.volume[tuple(slice(s, s + self.big) for s in c)].double()
         up = degrade_along(block, self.spec, b)
         inner = tuple(slice(self.margin, self.margin + self.patch) for _ in range(3))
-        return _to_k(block[inner], b).float(), _to_k(up[inner], b).float()
+        return block[inner].transpose(b, 2).float(), up[inner].transpose(b, 2).float()
+
+    def mirror_axis(self, b: int) -> Optional[int]:
+        """The left-right axis of b's pairs (b and k swapped), None when that is k, their degraded axis, or unknown:
+        sampling mirrors only across the thick axis too."""
+        if self.left_right is None:
+            return None
+        lr = {b: 2, 2: b}.get(self.left_right, self.left_right)
+        return None if lr == 2 else lr
 
     def draw(self, n: int, generator: torch.Generator):
         """(hr, up, cond): (n, 1, p, p, p) and (n, len(CONDITION_NAMES)), augmented (step 2)."""
@@ -118,11 +133,9 @@ class ScanPairs:
             b = self.inplane[int(torch.randint(0, 2, (1,), generator=generator))]
             centre = self.centres[int(torch.randint(0, self.centres.shape[0], (1,), generator=generator))]
             hr, up = self.pair(b, centre.tolist())
-            flips = [d for d in range(3) if bool(torch.rand(1, generator=generator) < 0.5)]
-            if flips:
-                hr, up = hr.flip(flips), up.flip(flips)
-            if bool(torch.rand(1, generator=generator) < 0.5):
-                hr, up = hr.transpose(0, 1), up.transpose(0, 1)
+            lr = self.mirror_axis(b)
+            if lr is not None and bool(torch.rand(1, generator=generator) < 0.5):
+                hr, up = hr.flip(lr), up.flip(lr)
             hrs.append(hr)
             ups.append(up)
         return (torch.stack(hrs)[:, None].contiguous(), torch.stack(ups)[:, None].contiguous(),

@@ -198,7 +198,7 @@ def _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress,
     else:
         with torch.no_grad():
             volume = physics.upsample(scale.to_prior(y.to(dtype)), "cubic")
-    source = ScanPairs(volume, physics, model.patch, floor=AIR_LEVEL)
+    source = ScanPairs(volume, physics, model.patch, floor=AIR_LEVEL, trained_direction=card_direction(prior.card))
     model, record = adapt(model, source, [t for t, _, _ in pairs], generator, int(settings["adapt_steps"]),
                           float(settings["adapt_seconds"]), float(settings["adapt_lr"]), int(settings["adapt_batch"]),
                           phase)

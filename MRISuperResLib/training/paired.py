@@ -2,8 +2,11 @@
 
 Per step:
     1. draw `batch_size` training seeds; for each, one operator of `operators` (kind, axes, factors, profile)
-    2. render an HR block of patch + 2 * margin voxels at a random corner; y = A(block) with the operator bound
-       to the block; up = cubic B-spline of y on the block; crop the central patch of both
+    2. render an HR block of patch + 2 * margin voxels at a random corner; with `non_axial_share`, turn that share
+       of the blocks so the left-right (sagittal) or front-back (coronal) axis lies at k, the other two in the
+       training order, exactly as paired-ddpm's network view shows such scans (orientation.network_view);
+       y = A(block) with the operator bound to the block; up = cubic B-spline of y on the block; crop the central
+       patch of both
        (the margin keeps the pair's borders like the inside of a whole volume, as at inference)
     3. hr, up -> [-1, 1]; x0 = (hr - up) / residual_scale, residual_scale = the residual's std, measured once
     4. loss = || x0 - UNet([z_t, up, cond], t) ||^2 with the cosine schedule (x0 = "sample" prediction; runs
@@ -81,8 +84,10 @@ class PairedTask:
         hrs, ups, conds = [], [], []
         for s in seeds:
             spec = self.specs[int(torch.randint(0, len(self.specs), (1,), generator=generator))]
-            corner = [int(torch.randint(0, n - b + 1, (1,), generator=generator)) for n, b in zip(full, big)]
-            block = self.synth.sample(s, patch=big, corner=corner).image.double()
+            turn = self._turn(generator)
+            drawn = [big[a] for a in turn]  # turn swaps two axes, so it is its own inverse
+            corner = [int(torch.randint(0, n - b + 1, (1,), generator=generator)) for n, b in zip(full, drawn)]
+            block = self.synth.sample(s, patch=drawn, corner=corner).image.double().permute(*turn).contiguous()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a factor not dividing the block only shifts its last sample
                 op = spec.bind_hr(tuple(big))
@@ -95,6 +100,14 @@ class PairedTask:
         to = dict(device=device, dtype=torch.float32)
         return ((torch.stack(hrs)[:, None] * 2 - 1).to(**to), (torch.stack(ups)[:, None] * 2 - 1).to(**to),
                 torch.stack(conds).to(device))
+
+    def _turn(self, generator: torch.Generator):
+        """Axis order of one block: (0, 1, 2) as stored, or i (sagittal) or j (coronal) swapped with k.
+        Random numbers are drawn only when a share is set, so earlier runs' draws stay the same."""
+        share = float(self.options.get("non_axial_share", 0.0))
+        if share <= 0.0 or float(torch.rand((), generator=generator)) >= share:
+            return (0, 1, 2)
+        return (2, 1, 0) if int(torch.randint(0, 2, (1,), generator=generator)) == 0 else (0, 2, 1)
 
     def _scale(self) -> float:
         if self.residual_scale is None:
@@ -139,7 +152,9 @@ class PairedTask:
         return {"kind": "paired", "schedule": dict(self.options["schedule"]),
                 "paired": {"patch": list(self.options["patch"]), "residual_scale": self._scale(),
                            "operators": [dict(o) for o in self.options["operators"]],
-                           "condition_names": list(paired_model.CONDITION_NAMES)},
+                           "condition_names": list(paired_model.CONDITION_NAMES),
+                           **({"non_axial_share": float(self.options["non_axial_share"])}
+                              if self.options.get("non_axial_share") else {})},
                 "method_defaults": fresh_method_defaults("paired")}
 
 
@@ -153,6 +168,9 @@ def add_arguments(p):
                         '"factors": [4]}]\' (default: slice removal and Gaussian thick slices along k, factors 2-8).')
     p.add_argument("--channels", type=int, nargs="+", default=None, help="3D UNet channels (default 16 32 64).")
     p.add_argument("--norm-groups", type=int, default=None)
+    p.add_argument("--non-axial-share", type=float, default=None, metavar="F",
+                   help="Share of the training pairs whose thick axis runs left-right (sagittal slices) or front-back "
+                        "(coronal), half each, instead of along the stored k axis (default 0: axial only).")
     p.add_argument("--high-t-fraction", type=float, default=None,
                    help="Share of steps drawn from the last 10%% of timesteps (default 0: uniform), where a short "
                         "sampling chain starts; may be changed on --resume.")
@@ -186,10 +204,16 @@ def new_options(args, synth: dict) -> dict:
         except (ValueError, TypeError, KeyError, AttributeError):
             raise InputError("--operators is not a JSON list of degradations.",
                              'Example: \'[{"operator": "thick-slice", "axes": [2], "factors": [4]}]\'') from None
+    share = getattr(args, "non_axial_share", None)
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise InputError("--non-axial-share must be between 0 and 1, not %g." % share,
+                         "Give e.g. --non-axial-share 0.4.")
     net = paired_model.default_unet(tuple(args.channels or (16, 32, 64)))
     if args.norm_groups is not None:
         net["norm_num_groups"] = args.norm_groups
     opts = PairedTask.default_options(synth=synth, network=net, patch=tuple(args.patch or (32, 32, 32)),
                                       margin=8 if args.margin is None else args.margin, operators=ops,
                                       batch_size=args.batch_size or 2, pool=args.pool or 0)
+    if share:
+        opts["non_axial_share"] = float(share)
     return resume_options(args, opts)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, smooth_volume
+from conftest import ROOT, check_answer_independent_of_storage, smooth_volume
 from test_diffusion_parts import tiny_paired
 
 from MRISuperResLib.diffusion.adapt import ScanPairs, degrade_along, why_not_adaptable
@@ -103,6 +103,43 @@ def test_learning_from_the_scan_beats_the_prior_as_it_came():
     lr_sr = Volume(op_sr.forward(torch.as_tensor(truth, dtype=torch.float64)).float().numpy(), lr_grid(hr_grid, op_sr))
     auto = super_resolve(lr_sr, "paired-ddpm", spec_sr, dict(common, adapt="auto"), prior, device="cpu")
     assert auto.info["adapted"] is None
+
+
+def test_learning_from_the_scan_does_not_depend_on_how_the_scan_is_stored():
+    """Pairs are cut in the network's view, so the same physical scan stored LPS or LAS fine-tunes the same weights
+    and gets the same answer; with a card that names no orientation each is learnt as stored."""
+    prior = tiny_paired(3, patch=(8, 8, 8))[0]
+    truth = _striped_head((24, 22, 16))
+    spec = OperatorSpec.make("thick-slice", axis=2, factor=2)
+    op = spec.bind_hr(truth.shape)
+    lps = Volume(op.forward(torch.as_tensor(truth, dtype=torch.float64)).float().numpy(),
+                 lr_grid(Grid(truth.shape, (1.0, 1.0, 1.0)), op))  # identity direction: rows run posterior
+
+    def run(p, volume):
+        out = super_resolve(volume, "paired-ddpm", spec, {"steps": 1, "samples": 2, "patch": 8, "adapt": "on",
+                                                          "adapt_steps": 3, "adapt_seconds": 0, "adapt_batch": 2,
+                                                          "adapt_lr": 1e-2}, p, device="cpu", seed=5)
+        assert out.info["adapted"]["steps"] == 3
+        return out
+
+    check_answer_independent_of_storage(run, prior, lps)
+
+
+def test_pairs_mirror_only_across_their_degraded_axis():
+    """Sampling mirrors left-right unless left-right is the thick axis; the pairs likewise, in their own view."""
+    spec = OperatorSpec.make("slice-removal", axis=2, factor=4)
+    v = torch.as_tensor(smooth_volume((32, 32, 32), seed=1) * 2 - 1)
+    las = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    axial = replace(spec.bind_hr(v.shape), hr_spacing=(1.0, 1.0, 1.0), hr_direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    pairs = ScanPairs(v, axial, (8, 8, 8), margin=4, trained_direction=las)
+    assert pairs.left_right == 0
+    assert pairs.mirror_axis(0) is None and pairs.mirror_axis(1) == 0  # b = 0 (left-right) goes to k
+    sagittal = replace(OperatorSpec.make("slice-removal", axis=0, factor=4).bind_hr(v.shape),
+                       hr_spacing=(1.0, 1.0, 1.0), hr_direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    pairs = ScanPairs(v, sagittal, (8, 8, 8), margin=4, trained_direction=las)
+    assert pairs.left_right == 2  # the view SAL: left-right (thick) at k
+    assert pairs.mirror_axis(0) == 0 and pairs.mirror_axis(1) == 1  # each pair's k is an in-plane axis
+    assert ScanPairs(v, replace(axial, hr_direction=None), (8, 8, 8), margin=4).mirror_axis(1) is None
 
 
 def test_an_isotropic_input_runs_without_adaptation_and_says_so():

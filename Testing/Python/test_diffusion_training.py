@@ -128,3 +128,58 @@ def test_paired_prior_trained_through_plane_sees_other_thick_axes_as_k(tmp_path)
     i = 2 + CONDITION_NAMES.index("log_factor_i")
     assert seen and all(torch.allclose(x[:, k], torch.tensor(np.log(3.0), dtype=x.dtype)) for x in seen)
     assert all(float(x[:, i].abs().max()) == 0.0 for x in seen)
+
+
+@pytest.mark.parametrize("stored_axis", [0, 1])
+def test_non_axial_training_pairs_are_what_paired_ddpm_shows_the_network_for_such_scans(stored_axis):
+    """A pair turned by --non-axial-share: the operator along a stored in-plane axis, then the network view."""
+    from MRISuperResLib.diffusion.paired_model import default_unet
+    from MRISuperResLib.orientation import apply_reorientation, direction_of, network_view
+    from MRISuperResLib.training.paired import PairedTask
+
+    ops = [{"operator": "slice-removal", "axes": [2], "factors": [2.0]}]
+    opts = PairedTask.default_options(synth=SYNTH, network=default_unet((8, 16)), patch=(8, 8, 8), margin=4,
+                                      operators=ops, batch_size=1)
+    opts["non_axial_share"] = 1.0
+    task = PairedTask(opts, "cpu")
+    big, inner = (16, 16, 16), (slice(4, 12),) * 3
+    las = direction_of("LAS")
+    perm, flips, codes = network_view(las, las, to_k=stored_axis)
+    assert codes["network"] == ("SAL" if stored_axis == 0 else "LSA")
+    for g in range(40):
+        gen = torch.Generator().manual_seed(g)
+        state = gen.get_state()
+        hr, up, _ = task.pairs([5], gen)
+        gen.set_state(state)  # the same draws again: operator, turn, corner
+        torch.randint(0, 1, (1,), generator=gen)
+        if task._turn(gen)[2] != stored_axis:
+            continue
+        corner = [int(torch.randint(0, n - b + 1, (1,), generator=gen)) for n, b in zip(SYNTH["shape"], big)]
+        block = task.synth.sample(5, patch=list(big), corner=corner).image.double()  # as stored, LAS
+        op = OperatorSpec.make("slice-removal", stored_axis, 2.0).bind_hr(big)
+        expect_up = apply_reorientation(op.upsample(op.forward(block), "cubic"), perm, flips)[inner]
+        torch.testing.assert_close(up[0, 0], (expect_up * 2 - 1).float(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(hr[0, 0], (apply_reorientation(block, perm, flips)[inner] * 2 - 1).float(),
+                                   rtol=0, atol=1e-6)
+        assert float((hr - up).abs().mean()) > 1e-3
+        return
+    pytest.fail("no draw turned axis %d to k" % stored_axis)
+
+
+def test_without_a_non_axial_share_the_training_draws_are_unchanged():
+    """Earlier runs resume with the same brains: no random number is drawn for the turn unless a share is set."""
+    from MRISuperResLib.diffusion.paired_model import default_unet
+    from MRISuperResLib.training.paired import PairedTask
+
+    opts = PairedTask.default_options(synth=SYNTH, network=default_unet((8, 16)), patch=(8, 8, 8), margin=4,
+                                      batch_size=1)
+    for share in (None, 0.3):
+        if share is not None:
+            opts["non_axial_share"] = share
+        gen = torch.Generator().manual_seed(3)
+        PairedTask(opts, "cpu").pairs([7], gen)
+        ref = torch.Generator().manual_seed(3)
+        torch.randint(0, len(opts["operators"]), (1,), generator=ref)  # the operator, then one corner per axis
+        for _ in range(3):
+            torch.randint(0, 2, (1,), generator=ref)
+        assert torch.equal(gen.get_state(), ref.get_state()) == (share is None)
