@@ -119,8 +119,8 @@ class ScanPairs:
         return block[inner].transpose(b, 2).float(), up[inner].transpose(b, 2).float()
 
     def mirror_axis(self, b: int) -> Optional[int]:
-        """The left-right axis of b's pairs (b and k swapped), None when that is k, their degraded axis, or unknown:
-        sampling mirrors only across the thick axis too."""
+        """The left-right axis of b's pairs (b and k swapped); None when it is unknown or k, their degraded axis
+        (sampling does not mirror a scan whose thick axis is left-right either)."""
         if self.left_right is None:
             return None
         lr = {b: 2, 2: b}.get(self.left_right, self.left_right)

@@ -21,6 +21,7 @@ import torch
 from ..diffusion import paired_model
 from ..diffusion.cosine import DEFAULT_SCHEDULE, cosine_alpha_bar
 from ..errors import InputError
+from ..orientation import network_view
 from ..physics import spec_from_dict
 from ..priors.card import fresh_method_defaults
 from .autoencoder import draw_train_seeds, synth_from_options
@@ -107,7 +108,8 @@ class PairedTask:
         share = float(self.options.get("non_axial_share", 0.0))
         if share <= 0.0 or float(torch.rand((), generator=generator)) >= share:
             return (0, 1, 2)
-        return (2, 1, 0) if int(torch.randint(0, 2, (1,), generator=generator)) == 0 else (0, 2, 1)
+        thick = int(torch.randint(0, 2, (1,), generator=generator))
+        return tuple(network_view(None, None, thick)[0])  # as paired-ddpm turns a scan thick along that axis
 
     def _scale(self) -> float:
         if self.residual_scale is None:
