@@ -20,6 +20,7 @@ from . import __version__
 from .errors import EXIT_CANCELLED, EXIT_INTERNAL, EXIT_SOME_FAILED, EXIT_USER, Cancelled, InputError, Terminated, UserError
 from .physics import KINDS, PROFILES, OperatorSpec
 from .progress import JsonLinesSink, Progress, TextSink
+from .settings import parse_key_values
 from .volume import (
     SUPPORTED_SUFFIXES,
     OutputSet,
@@ -63,16 +64,6 @@ def _spec_from_args(args):
         factors = factors * len(axes)
     return OperatorSpec.make(args.operator, axes if len(axes) > 1 else axes[0],
                              factors if len(factors) > 1 else factors[0], args.profile)
-
-
-def _parse_sets(items):
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise InputError("--set %r is not key=value." % item, "Example: --set iterations=50")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 class _ArgumentError(Exception):
@@ -256,7 +247,7 @@ def cmd_run(args):
     sink = JsonLinesSink() if args.progress == "jsonl" else TextSink()
     progress = Progress(sink)
     method = get_method(args.method)
-    overrides = _parse_sets(args.set)
+    overrides = parse_key_values(args.set)
     method.resolve_settings(overrides)  # validate names and values before any work
     if args.seed is not None:
         from .settings import SEED
@@ -412,7 +403,7 @@ def cmd_metrics(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    report = run_demo(args.out, args.method, args.operator, args.axis, args.factor, args.device, _parse_sets(args.set),
+    report = run_demo(args.out, args.method, args.operator, args.axis, args.factor, args.device, parse_key_values(args.set),
                       progress=Progress(TextSink()), log=_log)
     print("%-12s %10s %12s %8s %10s %8s" % ("method", "PSNR dB", "PSNR(mask)", "SSIM", "SSIM(mask)", "seconds"))
     for name, s in report["scores"].items():

@@ -16,6 +16,17 @@ from .errors import InputError
 TYPES = ("int", "float", "bool", "choice", "str")
 
 
+def parse_key_values(items) -> Dict[str, str]:
+    """--set KEY=VALUE items as {key: value} (values stay text; each method's Setting parses its own)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InputError("--set %r is not key=value." % item, "Example: --set iterations=50")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str

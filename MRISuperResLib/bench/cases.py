@@ -124,6 +124,55 @@ def stripped_cases() -> List[Case]:
     return _held_out_heads(STRIPPED_CASES, "held-out skull-stripped", stripped=True)
 
 
+HELD_OUT_PREFIX = "heldout:"
+
+
+def held_out_draw(spec: str) -> Case:
+    """One held-out synthetic head named on the command line: 'heldout:CONTRAST:SEED' or
+    'heldout:CONTRAST-stripped:SEED' (e.g. heldout:t2-stripped:1000021).
+
+    Why: settings are tuned on several held-out draws and contrasts that the gate does not score; naming them
+    here keeps those measurements reproducible with `bench` alone.
+    """
+    from ..training import synth
+
+    parts = spec[len(HELD_OUT_PREFIX):].split(":")
+    example = "Example: heldout:t2:1000021 or heldout:flair-stripped:1000022"
+    if len(parts) != 2 or not parts[1].strip().isdigit():
+        raise InputError("Case %r is not heldout:CONTRAST:SEED." % spec, example)
+    contrast, seed = parts[0].strip().lower(), int(parts[1])
+    stripped = contrast.endswith("-stripped")
+    contrast = contrast[:-len("-stripped")] if stripped else contrast
+    known = ("t1",) + tuple(synth.CONTRASTS)
+    if contrast not in known:
+        raise InputError("Case %r: contrast %r is not one the synthetic heads have." % (spec, contrast),
+                         "Use one of %s (add -stripped for a head without its scalp). %s"
+                         % (", ".join(known), example))
+    if seed < synth.HELDOUT_START or seed > synth.SEED_LIMIT:
+        raise InputError("Case %r: seed %d is not a held-out seed (the training draws seeds below %d)."
+                         % (spec, seed, synth.HELDOUT_START),
+                         "Use a seed from %d to %d. %s" % (synth.HELDOUT_START, synth.SEED_LIMIT, example))
+    label = "held-out skull-stripped" if stripped else "held-out contrast" if contrast != "t1" else "held-out synthetic"
+    return _held_out_heads(((contrast, seed),), label, stripped=stripped)[0]
+
+
+def with_slices(case: Case, slices: int) -> Case:
+    """`case` cut to its central `slices` slices along k (the through-plane axis of every slice degradation).
+
+    Why: comparing settings on a slab is several times faster than on a whole head. The slab's two cut faces carry
+    errors no whole head has, so slabs compare settings with each other, never with the gate's whole heads.
+    """
+    if slices < 1:
+        raise InputError("--slices %d is not a number of slices." % slices, "Give a positive count, e.g. --slices 64.")
+
+    def load():
+        vol = case.load()
+        big = np.iinfo(np.int64).max
+        return centre_crop(vol, 1, (big, big, min(int(slices), vol.grid.shape[2])))
+
+    return Case("%s-k%d" % (case.name, slices), case.label, load)
+
+
 def folder_cases(folder: str) -> List[Case]:
     if not os.path.isdir(folder):
         raise InputError("Case folder not found: %s." % folder, "Give a folder of HR volumes (.nii.gz, .nrrd, .mha).")
@@ -135,7 +184,7 @@ def folder_cases(folder: str) -> List[Case]:
 
 def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:
     """`names`: None for the default set, else a list of 'mni152', 'mni152-181' (whole-brain size), 'synthetic',
-    'contrasts', 'stripped', or folder paths."""
+    'contrasts', 'stripped', 'heldout:CONTRAST[-stripped]:SEED' (one held-out draw), or folder paths."""
     if quick:
         return [mni152_case(quick=True)]
     if not names:
@@ -152,6 +201,8 @@ def resolve_cases(names, quick=False, synthetic=2) -> List[Case]:
             out.extend(contrast_cases())
         elif n == "stripped":
             out.extend(stripped_cases())
+        elif n.startswith(HELD_OUT_PREFIX):
+            out.append(held_out_draw(n))
         else:
             out.extend(folder_cases(n))
     return out

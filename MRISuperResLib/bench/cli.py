@@ -16,8 +16,15 @@ def add_parser(sub):
     p.add_argument("--cases", nargs="+", default=None,
                    help="mni152, mni152-181 (the template at about the whole-brain size, 181 x 217 x 180, for the time targets), "
                         "synthetic (held-out synthetic brains), contrasts (held-out brains in T2-, FLAIR- and "
-                        "PD-like contrasts), stripped (held-out skull-stripped brains, T1- and T2-like) and/or "
-                        "folders of HR volumes.")
+                        "PD-like contrasts), stripped (held-out skull-stripped brains, T1- and T2-like), "
+                        "heldout:CONTRAST[-stripped]:SEED (one held-out synthetic head, e.g. heldout:t2-stripped:"
+                        "1000021; contrasts t1, t2, flair, pd, random) and/or folders of HR volumes.")
+    p.add_argument("--slices", type=int, default=None, metavar="N",
+                   help="Score every case on its central N slices along k only: faster, for comparing settings "
+                        "(the slab's cut faces carry errors a whole head has not, so never against whole heads).")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Method setting for every measured method that has it (repeatable), e.g. --set "
+                        "samples=8 --set adapt=on.")
     p.add_argument("--degradations", nargs="+", default=None, choices=sorted(DEGRADATIONS))
     p.add_argument("--synthetic", type=int, default=2, help="Number of held-out synthetic brains.")
     p.add_argument("--device", default="auto")
@@ -75,6 +82,13 @@ def handle(args):
     cs = cases.resolve_cases(args.cases, quick=args.quick, synthetic=args.synthetic)
     if not cs:
         raise InputError("No benchmark cases.", "Give --cases mni152, synthetic or a folder of HR volumes.")
+    if args.update_cards and (args.set or args.slices is not None):
+        raise InputError("--update-cards writes the gate of each prior's default settings on whole heads into its "
+                         "card, and --set or --slices changes that.",
+                         "Drop --set and --slices to update the cards, or drop --update-cards to compare settings.")
+    if args.slices is not None:
+        cs = [cases.with_slices(c, args.slices) for c in cs]
+    overrides = _overrides(args.set, methods)
 
     def load_prior(method):
         try:
@@ -86,7 +100,7 @@ def handle(args):
     t0 = time.time()
     rows, figures = runner.run(cs, degs, methods, dev, args.quick,
                                log=lambda m: sys.stderr.write(m + "\n"), load_prior=load_prior,
-                               only=gate)
+                               only=gate, overrides=overrides)
     meta = {"machine": runner.machine_description(dev), "device": dev, "quick": args.quick,
             "command": "python -m MRISuperResLib " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
             else "python -m MRISuperResLib bench ...", "wall_seconds": round(time.time() - t0, 1),
@@ -100,6 +114,22 @@ def handle(args):
                                                              len([k for k in paths if k.startswith("figure")]) + 1,
                                                              args.out, time.time() - t0))
     return 0
+
+
+def _overrides(items, methods) -> dict:
+    """--set KEY=VALUE items as {key: value}; each key must be a setting of a method the run measures."""
+    from ..methods import available, get_method
+    from ..settings import parse_key_values
+
+    sets = parse_key_values(items)
+    measured = [get_method(n) for n in methods] if methods else list(available())
+    known = {s.name for m in measured for s in m.settings}
+    unknown = sorted(set(sets) - known)
+    if unknown:
+        raise InputError("--set %s: no measured method has such a setting." % ", ".join(unknown),
+                         "Settings of %s: %s." % (", ".join(m.name for m in measured) or "these methods",
+                                                   ", ".join(sorted(known)) or "none"))
+    return sets
 
 
 def _speedups(args, dev):

@@ -103,10 +103,12 @@ def _views(arr: np.ndarray):
 
 
 def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]], device: str = "auto",
-        quick: bool = False, log=print, load_prior=None, only: Optional[Dict[str, List[str]]] = None):
+        quick: bool = False, log=print, load_prior=None, only: Optional[Dict[str, List[str]]] = None,
+        overrides: Optional[Dict[str, str]] = None):
     """Returns (rows, figures) where figures[case][degradation] = {"truth", "lr", <method>: 3 views}.
 
     only: method -> the degradations it runs on (others: every degradation that suits it); baselines run on all.
+    overrides: setting -> value, given to each method that has that setting (over the quick limits).
     """
     names = methods or [m.name for m in available()]
     for n in names:
@@ -138,6 +140,7 @@ def run(cases: List[Case], degradations: List[str], methods: Optional[List[str]]
                 if kind not in m.operators or (only and name in only and deg not in only[name]):
                     continue
                 settings = quick_settings(m) if quick else {}
+                settings.update({k: v for k, v in (overrides or {}).items() if k in {s.name for s in m.settings}})
                 row = Row(name, case.name, case.label, deg, device=device, settings=settings)
                 log("bench: %s / %s / %s" % (case.name, deg, name))
                 try:

@@ -202,3 +202,67 @@ def test_a_case_whose_size_the_factor_does_not_divide_is_cut_to_tile_and_scored(
     assert np.allclose(cut.grid.index_to_physical((0, 0, 0)), vol.grid.index_to_physical((0, 0, 2)), atol=1e-6)
     assert runner.tiled(vol, "slice-removal", 2, 4) is vol and runner.tiled(vol, "kspace", (0, 1), 4) is vol
     assert runner.tiled(vol, "kspace", (0, 1), 3).grid.shape == (30, 30, 36)
+
+
+def test_a_held_out_draw_named_on_the_command_line_is_that_head_and_slices_cut_its_centre():
+    import numpy as np
+
+    from MRISuperResLib.bench.cases import STRIPPED_CASES, resolve_cases, stripped_cases, with_slices
+
+    contrast, seed = STRIPPED_CASES[1]
+    (case,) = resolve_cases(["heldout:%s-stripped:%d" % (contrast, seed)])
+    gate = stripped_cases()[1]
+    assert (case.name, case.label) == (gate.name, gate.label)
+    vol = case.load()
+    assert np.array_equal(vol.array, gate.load().array)
+    (t2,) = resolve_cases(["heldout:T2:1000021"])
+    assert t2.label == "held-out contrast" and t2.name == "synthetic-t2-1000021"
+    slab = with_slices(case, 16)
+    cut = slab.load()
+    assert slab.name == gate.name + "-k16" and cut.grid.shape == vol.grid.shape[:2] + (16,)
+    lo = (vol.grid.shape[2] - 16) // 2
+    assert np.array_equal(cut.array, vol.array[:, :, lo:lo + 16])
+    assert np.allclose(cut.grid.index_to_physical((0, 0, 0)), vol.grid.index_to_physical((0, 0, lo)), atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("heldout:t2:12", "seed 12 is not a held-out seed"),
+    ("heldout:dwi:1000021", "contrast 'dwi' is not one the synthetic heads have"),
+    ("heldout:t2", "is not heldout:CONTRAST:SEED"),
+])
+def test_a_bad_held_out_draw_is_refused_with_what_to_give(spec, message):
+    from MRISuperResLib.bench.cases import resolve_cases
+    from MRISuperResLib.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        resolve_cases([spec])
+    assert message in str(err.value) and "heldout:t2:1000021" in str(err.value)
+
+
+def test_bench_set_reaches_the_methods_that_have_the_setting(tmp_path):
+    import numpy as np
+
+    from MRISuperResLib.bench import runner
+    from MRISuperResLib.bench.cases import Case
+    from MRISuperResLib.priors.store import default_prior
+
+    r = cli("bench", "--out", tmp_path / "b", "--methods", "trilinear", "--set", "samples=2", "--device", "cpu")
+    assert r.returncode != 0 and "--set samples: no measured method has such a setting" in r.stderr
+    assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "b" / "results.json")
+    r = cli("bench", "--out", tmp_path / "b", "--gate", "--update-cards", "--methods", "paired-ddpm", "--set",
+            "samples=2", "--device", "cpu")
+    assert r.returncode != 0 and "--update-cards writes the gate of each prior's default settings" in r.stderr
+
+    vol = Volume.from_array(phantom((32, 32, 32), seed=3), spacing=(1.0, 1.0, 1.0))
+    prior = default_prior("paired", "cpu")
+
+    def paired(overrides):
+        rows, _ = runner.run([Case("p", "user", lambda: vol)], ["slice-removal-4mm"], ["paired-ddpm"], "cpu",
+                             log=lambda m: None, load_prior=lambda m: prior, overrides=overrides)
+        return {row.method: row for row in rows}
+
+    two, default = paired({"samples": "2"}), paired(None)
+    assert two["paired-ddpm"].settings == {"samples": "2"} and two["bspline"].settings == {}
+    assert two["bspline"].psnr == default["bspline"].psnr
+    assert abs(two["paired-ddpm"].psnr - default["paired-ddpm"].psnr) > 1e-4
+    assert np.isfinite(two["paired-ddpm"].psnr_masked)

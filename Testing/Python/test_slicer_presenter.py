@@ -203,7 +203,8 @@ def test_event_parser_agrees_with_the_library():
 
 
 def test_run_request_is_accepted_by_the_library_cli(tmp_path):
-    from MRISuperResLib.cli import _parse_sets, _spec_from_args, build_parser
+    from MRISuperResLib.cli import _spec_from_args, build_parser
+    from MRISuperResLib.settings import parse_key_values
 
     request = RunRequest("/in.nrrd", "/out.nrrd", method="inverse", settings={"learning_rate": 0.07, "iterations": 5,
                                                                                "use_ema": True},
@@ -212,7 +213,7 @@ def test_run_request_is_accepted_by_the_library_cli(tmp_path):
     args = build_parser().parse_args(request.args())
     assert (args.method, args.input, args.output, args.model, args.device, args.seed, args.progress) == (
         "inverse", "/in.nrrd", "/out.nrrd", "brain_ldm", "cpu", 3, "jsonl")
-    assert _parse_sets(args.set) == {"iterations": "5", "learning_rate": "0.07", "use_ema": "true"}
+    assert parse_key_values(args.set) == {"iterations": "5", "learning_rate": "0.07", "use_ema": "true"}
     assert _spec_from_args(args).describe()["factors"] == [4.0] and _spec_from_args(args).axes == (1,)
     assert (args.uncertainty, args.residual) == ("/u.nrrd", "/r.nrrd")
     plain = build_parser().parse_args(RunRequest("/a.nii", "/b.nii").args())
