@@ -167,8 +167,8 @@ def with_slices(case: Case, slices: int) -> Case:
 
     def load():
         vol = case.load()
-        big = np.iinfo(np.int64).max
-        return centre_crop(vol, 1, (big, big, min(int(slices), vol.grid.shape[2])))
+        i, j, k = vol.grid.shape
+        return centre_crop(vol, 1, (i, j, min(int(slices), k)))
 
     return Case("%s-k%d" % (case.name, slices), case.label, load)
 
