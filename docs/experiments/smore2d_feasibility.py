@@ -2,7 +2,9 @@
 on the scan's own acquired slices (each degraded 8x along one in-plane axis, then B-spline back), applied on the
 B-spline volume's i-k and j-k planes, against B-spline and paired-ddpm on a 64-slice slab of a tuning head at 8 mm.
 
-    .venv/bin/python docs/experiments/smore2d_feasibility.py heldout:t2-stripped:1000021 150
+    .venv/bin/python docs/experiments/smore2d_feasibility.py heldout:t2-stripped:1000021 150 [SLICES]
+
+(CASE, training seconds, slab slices: 64 by default, 0 for the whole head.)
 
 Prints masked PSNR over B-spline (dB) for paired-ddpm, the 2D network, and their weighted means. Results in
 docs/benchmarks.md ("Learning from the scan in 2D").
@@ -24,7 +26,9 @@ from MRISuperResLib.volume import Volume
 torch.manual_seed(0); np.random.seed(0)
 spec_name = sys.argv[1] if len(sys.argv) > 1 else "heldout:t2-stripped:1000021"
 F = 8
-hr = with_slices(held_out_draw(spec_name), 64).load()
+slices = int(sys.argv[3]) if len(sys.argv) > 3 else 64  # 0: the whole head
+case = held_out_draw(spec_name)
+hr = (with_slices(case, slices) if slices else case).load()
 x = torch.as_tensor(hr.array, dtype=torch.float64)
 spec = OperatorSpec.make("slice-removal", 2, F)
 op = spec.bind_hr(hr.grid.shape)
