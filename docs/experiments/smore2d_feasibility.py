@@ -46,8 +46,7 @@ sl = y.numpy()  # (I, J, S)
 def degrade_1d(img, axis):
     """slice removal F along `axis` of a 2D image, then cubic (B-spline) back, same as the volume operator"""
     a = np.moveaxis(img, axis, -1)[..., None]  # (..., n, 1) -> treat as 3D (rows, n, 1)
-    a = np.ascontiguousarray(np.moveaxis(a, -2, -1))  # (rows, 1, n)
-    vol = a[:, :, :]  # (rows, 1, n) along k
+    vol = np.ascontiguousarray(np.moveaxis(a, -2, -1))  # (rows, 1, n): the degraded axis at k
     n = vol.shape[2] - vol.shape[2] % F
     vol = vol[:, :, :n]
     sp = OperatorSpec.make("slice-removal", 2, F); o = sp.bind_hr(vol.shape)
