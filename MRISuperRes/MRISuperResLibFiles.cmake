@@ -27,7 +27,6 @@ set(MRISuperResLib_FILES
   MRISuperResLib/bench/runner.py
   MRISuperResLib/bench/speedups.py
   MRISuperResLib/diffusion/__init__.py
-  MRISuperResLib/diffusion/adapt.py
   MRISuperResLib/diffusion/cards.py
   MRISuperResLib/diffusion/cosine.py
   MRISuperResLib/diffusion/noise.py
@@ -57,6 +56,7 @@ set(MRISuperResLib_FILES
   MRISuperResLib/priors/cli.py
   MRISuperResLib/priors/ddim.py
   MRISuperResLib/priors/folder.py
+  MRISuperResLib/priors/from_scan.py
   MRISuperResLib/priors/generator.py
   MRISuperResLib/priors/importer.py
   MRISuperResLib/priors/lowmem_norm.py

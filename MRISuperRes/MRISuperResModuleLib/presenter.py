@@ -8,7 +8,7 @@ returned `PanelView` onto the widgets. Nothing here imports qt, slicer or torch,
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .protocol import OPERATORS, PROFILES, Degradation
+from .protocol import OPERATORS, PROFILES, Degradation, toCamel
 
 THICK_RATIO = 1.5  # the library's rule (pipeline.infer_degradation); a test keeps the two in step
 AXIS_NAMES = ("i", "j", "k")
@@ -127,15 +127,34 @@ def methodByName(methods: Optional[List[dict]], name: str) -> Optional[dict]:
 NOT_RECOMMENDED_SUFFIX = " (needs the published prior)"
 
 
+def deviceType(device: str, devices: List[dict]) -> str:
+    """"cuda" or "cpu": the kind of device the run would use (auto takes a GPU when the worker lists one)."""
+    gpu = device.startswith("cuda") or (device == "auto" and any(d.get("name", "").startswith("cuda")
+                                                                for d in devices))
+    return "cuda" if gpu else "cpu"
+
+
 def defaultPriorWarning(method: Optional[dict], model: str, device: str, devices: List[dict]) -> str:
     """The default prior's quality-gate warning for `method` on the device the run would use; "" when none or
     when the user chose a prior of their own."""
     if not method or model != DEFAULT_MODEL:
         return ""
     per_device = method.get("belowBaselineWithDefaultPrior") or {}
-    gpu = device.startswith("cuda") or (device == "auto" and any(d.get("name", "").startswith("cuda")
-                                                                for d in devices))
-    return per_device.get("cuda" if gpu else "cpu") or ""
+    return per_device.get(deviceType(device, devices)) or ""
+
+
+def priorDefaults(method: Optional[dict], model: str, device: str, devices: List[dict]) -> Dict[str, object]:
+    """{setting name: value} the run's prior recommends for its device type (the card's defaults, which a command
+    line run applies over the schema's): the form starts from them, so a run from the panel is the run the gate
+    measured. {} for a prior the worker does not list (a path) or a method without one."""
+    if not method:
+        return {}
+    kind = deviceType(device, devices)
+    prior = model or (method.get("defaultPrior") or {}).get(kind)
+    table = method.get("priorDefaults") or {}
+    values = ((table.get(prior) or table.get(toCamel(prior or ""))) or {}).get(kind) or {}  # keys camelCased too
+    names = {toCamel(s["name"]): s["name"] for s in method.get("settings", [])}  # the listing's keys are camelCase
+    return {names.get(k, k): v for k, v in values.items()}
 
 
 def methodTitle(method: dict) -> str:
@@ -150,13 +169,15 @@ def settingLabel(name: str) -> str:
     return LABELS.get(name, name.replace("_", " ").capitalize())
 
 
-def settingSpecs(method: Optional[dict], values: Dict[str, object]) -> List[SettingSpec]:
+def settingSpecs(method: Optional[dict], values: Dict[str, object],
+                 defaults: Optional[Dict[str, object]] = None) -> List[SettingSpec]:
+    """The form's rows: the user's value, else the prior's default (priorDefaults), else the schema's."""
     specs = []
     for s in (method or {}).get("settings", []):
         if s["name"] in PANEL_OWNED_SETTINGS:
             continue
         kind = s.get("type", "str")
-        value = values.get(s["name"], s.get("default"))
+        value = values.get(s["name"], (defaults or {}).get(s["name"], s.get("default")))
         decimals = 0
         if kind == "float":
             default = float(s.get("default") or 0.0)
@@ -289,7 +310,8 @@ def present(state: PanelState) -> PanelView:
         if warning:
             view.methodDescription += ("\n\nNot recommended with the default prior. %s Import the published prior "
                                        "(Import model...) for this method, or choose another." % warning)
-        view.settingSpecs = settingSpecs(method, state.settingValues)
+        view.settingSpecs = settingSpecs(method, state.settingValues,
+                                         priorDefaults(method, state.model, state.device, state.devices))
         problems.extend(settingProblems(method, state.settingValues))
         kind = method.get("needsPrior")
         view.modelVisible = bool(kind)
@@ -319,7 +341,9 @@ def present(state: PanelState) -> PanelView:
 def runSettings(state: PanelState) -> Dict[str, object]:
     """Setting values to send, typed, for the chosen method only (stale keys of other methods dropped)."""
     out = {}
-    for spec in settingSpecs(methodByName(state.methods, state.method), state.settingValues):
+    method = methodByName(state.methods, state.method)
+    for spec in settingSpecs(method, state.settingValues,
+                             priorDefaults(method, state.model, state.device, state.devices)):
         v = spec.value
         if spec.kind == "int":
             v = int(float(v))

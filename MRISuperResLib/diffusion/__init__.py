@@ -4,7 +4,6 @@ vdm.py           learnable monotone gamma(t), VDM loss, Fourier features, ancest
 cosine.py        the cosine noise schedule and the paired sampler's DDIM chain on it (the step: priors/ddim.py)
 paired_model.py  the paired model: conditioning on the operator, network call, loss
 patches.py       sliding window with overlap blending (patch-wise networks on whole volumes)
-adapt.py         fine-tuning a paired model on the scan's own in-plane detail
 cards.py         model cards of kinds "vdm" and "paired" (written through priors/folder.py)
 The intensity map of both samplers is MRISuperResLib/intensity.py.
 """

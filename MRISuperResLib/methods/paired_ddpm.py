@@ -6,12 +6,13 @@ profile, factor per axis), x0 the residual (x - up) / residual_scale, ab the cos
 the model diffusion/paired_model.py, the DDIM step priors/ddim.py.
 
 1. scale y to [-1, 1] (robust percentiles); up = cubic B-spline of y on the HR grid; cond from the operator
-   with `adapt`: fine-tune a copy of the UNet on pairs made from the scan's own in-plane detail (diffusion/adapt.py)
+   with `adapt`: train a small 2D network on the scan's own acquired slices (priors/from_scan.py)
 2. z ~ N(0, I) on the HR grid, `samples` chains side by side; with `mean_start`, z = 0 (one chain)
 3. for each (t, ab_t, ab_prev) of the `steps`-step DDIM chain:
    a. eps_hat = UNet([z, up, cond], t) over overlapping 3D patches, blended (diffusion/patches.py)
    b. z = DDIM step with `eta` (fresh noise when eta > 0), x0_hat clipped to the residual's range
-4. x = up + residual_scale * z; with `keep_air`, x = up wherever the input is air all around (a skull-stripped
+4. x = up + residual_scale * z; with `adapt`, x <- (1 - w) x + w n(up), n the 2D network learnt from the scan
+   applied through-plane, w = `adapt_weight`; with `keep_air`, x = up wherever the input is air all around (a skull-stripped
    scan's zero background); with `project`, x <- x + A^+ (y - A x)
 5. back to input units; the mean over samples is the output, their std the uncertainty.
 Every step's noise prediction covers the whole volume before the update, so all patches share one timestep
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.adapt import ScanPairs, adapt, why_not_adaptable
 from ..diffusion.cosine import sampling_pairs
 from ..diffusion.noise import sample_noise
 from ..diffusion.paired_model import PairedModel, condition_of
@@ -36,15 +36,17 @@ from ..errors import InputError, ResourceError
 from ..intensity import robust_scale
 from ..orientation import apply_reorientation, network_view, undo_reorientation
 from ..priors.ddim import ddim_step
+from ..priors.from_scan import apply_through_plane, learn_from_slices, why_not_adaptable
 from ..priors.reference import card_direction
 from .registry import SEED, Setting, SolveResult, register
 
 AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
 ADAPT_CHOICES = ("off", "auto", "on")
-# Measured with the T1-only weights: adapting helped T2/FLAIR 5 mm thick slices and hurt 8 mm slice removal; the
-# mixed-contrast weights gain nothing from it at 5 mm either (docs/benchmarks.md), hence off by default
-ADAPT_AUTO_KINDS = ("thick-slice",)
-ADAPT_SHARE = 0.5  # of the progress bar, for the fine-tuning when adapt is on (about half the time by default)
+ADAPT_SHARE = 0.5  # of the progress bar, for the learning when adapt is on (about half the time by default)
+# Where `auto` learns from the scan: where it was measured to help with the default prior (sparse slice removal,
+# 8 mm: +0.2 to +1.1 dB on four tuning heads, docs/benchmarks.md); thick slices and 4 mm are not measured yet
+ADAPT_AUTO_KINDS = ("slice-removal",)
+ADAPT_AUTO_MIN_FACTOR = 6.0
 
 SETTINGS = [
     Setting("steps", "int", 20, "DDIM sampling steps.", min=1, max=1000),
@@ -78,23 +80,24 @@ SETTINGS = [
             "raise it on a GPU).", min=1, max=1024),
     Setting("project", "bool", False, "Finish with a projection onto the measurement (A x = y exactly; may ring "
             "for thick-slice profiles)."),
-    Setting("adapt", "choice", "off", "Learn from this scan before sampling: fine-tune a copy of the model on "
-            "pairs made by degrading the scan's own sharp in-plane slices the same way (the shipped model is not "
-            "changed). auto: for thick-slice scans only (it lost on slice removal). With the shipped weights it "
-            "measured at most a few hundredths of a dB on T1-, T2- and FLAIR-like heads; try it on other "
-            "contrasts. Needs an in-plane spacing that matches the output spacing.",
-            choices=ADAPT_CHOICES),
-    # 50 steps: on a held-out T2-like head at 5 mm, a 100-step run scored best at step 50 (the pairs' loss keeps
-    # falling, but later steps fit the pairs' own smooth axis more than the thick axis to restore)
-    Setting("adapt_steps", "int", 50, "Most fine-tuning steps when adapt is on.", min=1, max=100000),
-    Setting("adapt_seconds", "float", 240.0, "Time budget of the fine-tuning in seconds (0: no limit; the steps "
+    # off here, on ("auto") in the default prior's card defaults: whether it helps, and at which weight, was
+    # measured with that prior (docs/benchmarks.md)
+    Setting("adapt", "choice", "off", "Learn from this scan before sampling: a small 2D network is trained on the "
+            "scan's own sharp slices, each degraded in-plane the way the scan is degraded through-plane, then restores "
+            "the thick axis; the output is its blend with the diffusion model's (the shipped model is not changed). "
+            "on: whenever the scan allows it (thick slices or slice removal along one axis, in-plane spacing close to "
+            "the output spacing), with a warning when it cannot; auto: the same for sparse slice removal (6x or more), "
+            "where it was measured to help. The network's gain on held-out slices is reported, and a network that "
+            "does not beat B-spline there is left out. The default prior turns it on (auto).", choices=ADAPT_CHOICES),
+    # 3000: on whole tuning heads at 8 mm, 2000 steps beat 1000 by 0.3 to 0.5 dB (2D alone) and 3000 fit the
+    # 10-minute budget of a whole brain on 2 CPU cores
+    Setting("adapt_steps", "int", 3000, "Most training steps of the network learnt from the scan.", min=1,
+            max=1000000),
+    Setting("adapt_seconds", "float", 300.0, "Time budget of that training in seconds (0: no limit; the steps "
             "bound it).", min=0.0, max=86400.0),
-    Setting("adapt_lr", "float", 3e-4, "Starting learning rate of the fine-tuning (it decays to zero).", min=1e-7,
-            max=1e-1),
-    Setting("adapt_batch", "int", 4, "Patches per fine-tuning step.", min=1, max=256),
-    Setting("adapt_from", "choice", "interpolation", "What the training pairs are cut from: the B-spline "
-            "interpolation of the scan, or the model's own quick estimate (one deterministic pass; sharp along the "
-            "thick axis too).", choices=("interpolation", "estimate")),
+    # 0.6: the best single weight over four tuning heads at 8 mm (0.5 to 0.7 each)
+    Setting("adapt_weight", "float", 0.6, "Share of the network learnt from the scan in the output (the rest is the "
+            "diffusion model's; 1: that network alone, 0: the diffusion model alone).", min=0.0, max=1.0),
     SEED,
 ]
 
@@ -176,33 +179,40 @@ def _window_fitting_memory(eps_fn, x, patch, overlap, batch, progress):
             progress.warning("The GPU ran out of memory; retrying with %d patches per network call." % batch)
 
 
-def _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress, generator):
-    """(model, record, progress): the model fine-tuned on the scan's own pairs when `adapt` asks for it, with the
-    progress left for sampling; or the model as it came, None and the same progress."""
+def _learn_from_scan(yn, physics, view, settings, progress, generator):
+    """(estimate, record, progress): with `adapt` on and a scan that allows it, a function giving the 2D network's
+    estimate from the B-spline volume, with the progress left for sampling; or None, None and the same progress.
+
+    The network learns and answers in the view the diffusion network sees (patch_view): the same physical scan
+    then gets the same answer however it is stored.
+    """
     mode = settings.get("adapt") or "off"
-    if not (mode == "on" or (mode == "auto" and physics.spec.kind in ADAPT_AUTO_KINDS)):
-        return model, None, progress
+    if mode == "off" or float(settings.get("adapt_weight", 0.5)) == 0.0:
+        return None, None, progress
+    if mode == "auto" and not (physics.spec.kind in ADAPT_AUTO_KINDS
+                               and max(physics.spec.factors) >= ADAPT_AUTO_MIN_FACTOR):
+        return None, None, progress
     reason = why_not_adaptable(physics)
     if reason:
-        progress.warning("Not learning from this scan: %s. Sampling with the prior as shipped." % reason)
-        return model, None, progress
-    dtype = torch.float32
-    phase = progress.sub(0.0, ADAPT_SHARE)
-    if settings.get("adapt_from") == "estimate":
-        # Why: pairs cut from the B-spline volume are smooth along the thick axis, unlike anything sampling
-        # sees; the model's own one-pass estimate is sharp along every axis, so its pairs look like the input
-        first = solve(y, physics, prior, dict(settings, adapt="off", samples=1, mean_start=True, steps=1,
-                                              project=False), progress.sub(0.0, 0.1 * ADAPT_SHARE), generator)
-        volume = scale.to_prior(first.x.to(dtype))
-        phase = progress.sub(0.1 * ADAPT_SHARE, ADAPT_SHARE)
-    else:
-        with torch.no_grad():
-            volume = physics.upsample(scale.to_prior(y.to(dtype)), "cubic")
-    source = ScanPairs(volume, physics, model.patch, floor=AIR_LEVEL, trained_direction=card_direction(prior.card))
-    model, record = adapt(model, source, [t for t, _, _ in pairs], generator, int(settings["adapt_steps"]),
-                          float(settings["adapt_seconds"]), float(settings["adapt_lr"]), int(settings["adapt_batch"]),
-                          phase)
-    return model, record, progress.sub(ADAPT_SHARE, 1.0)  # made now, so the sampling ETA starts with sampling
+        progress.warning("Not learning from this scan: %s. Sampling with the prior alone." % reason)
+        return None, None, progress
+    order, flips = view
+    axis = order.index(physics.axes[0])
+    net, record = learn_from_slices(apply_reorientation(yn, order, flips), physics.spec, axis, generator,
+                                    int(settings["adapt_steps"]), float(settings["adapt_seconds"]), AIR_LEVEL,
+                                    progress.sub(0.0, ADAPT_SHARE))
+    gain = record["validation_gain_db"]
+    record["weight"] = float(settings["adapt_weight"])
+    if gain is not None and gain <= 0.0:
+        progress.warning("The network learnt from this scan did not beat B-spline on its held-out slices (%+.2f dB): "
+                         "it is left out of the output." % gain)
+        record["weight"] = 0.0
+        return None, record, progress.sub(ADAPT_SHARE, 1.0)
+
+    def estimate(base):
+        return undo_reorientation(apply_through_plane(net, apply_reorientation(base, order, flips), axis), order, flips)
+
+    return estimate, record, progress.sub(ADAPT_SHARE, 1.0)  # made now, so the sampling ETA starts with sampling
 
 
 @register("paired-ddpm", "Paired conditional DDPM",
@@ -226,9 +236,11 @@ def solve(y, physics, prior, settings, progress, generator):
     net_dev = next(model.unet.parameters()).device
     pairs = sampling_pairs(steps, model.alpha_bar)
     started = time.perf_counter()
-    model, adapted, progress = _learn_from_scan(y, physics, prior, model, settings, scale, pairs, progress, generator)
-    adapted_at = time.perf_counter()
+    with torch.no_grad():
+        yn = scale.to_prior(y.to(dtype))
     order, flips, codes = patch_view(prior, physics)
+    learnt, adapted, progress = _learn_from_scan(yn, physics, (order, flips), settings, progress, generator)
+    adapted_at = time.perf_counter()
     cond = condition_of(physics)
     cond = torch.cat([cond[:-3], cond[-3:][order]]).to(net_dev)
     hr = (n_samples, 1) + tuple(physics.hr_shape)
@@ -238,7 +250,6 @@ def solve(y, physics, prior, settings, progress, generator):
         return sample_noise(shape, generator, bool(settings.get("antithetic")), dev, dtype)
 
     with torch.no_grad():  # sampling only: nothing here is differentiated
-        yn = scale.to_prior(y.to(dtype))
         base = physics.upsample(yn, "cubic")
         up = base[None, None].expand(hr)
         mirrors = _mirrors(physics, n_samples, bool(settings.get("antithetic"))) if settings.get("mirror") else []
@@ -275,6 +286,9 @@ def solve(y, physics, prior, settings, progress, generator):
         x = undo_reorientation(up + model.residual_scale * z, order, flips)[:, 0]
         if any(mirrors):
             x = torch.stack([x[s].flip(list(m)) if m else x[s] for s, m in enumerate(mirrors)])
+        if learnt is not None:
+            w = float(settings["adapt_weight"])
+            x = (1.0 - w) * x + w * learnt(base)
         air = input_air(yn, physics) if settings.get("keep_air") else None
         if air is not None:
             x = torch.where(air, base, x)

@@ -115,6 +115,28 @@ def test_generative_method_shows_model_settings_and_uncertainty():
     assert "seed" not in specs  # the panel's own Seed field covers it
 
 
+def test_the_form_starts_from_the_run_priors_defaults_for_its_device():
+    # As listed by `methods --json` (camelCase keys, setting names included): each prior's defaults per device.
+    method = dict(METHODS[1], defaultPrior={"cpu": "brain_ldm", "cuda": "brain_ldm"},
+                  priorDefaults=camelKeys({"brain_ldm": {"cpu": {"iterations": 30, "learning_rate": 0.01},
+                                                         "cuda": {"iterations": 300}},
+                                           "other": {"cpu": {"iterations": 7}}}))
+    methods = [METHODS[0], method]
+    gpus = [{"name": "cuda:0"}]
+
+    def values(**kw):
+        return {sp.name: sp.value for sp in P.present(_state(methods=methods, method="inverse", models=[LDM],
+                                                             **kw)).settingSpecs}
+
+    assert values()["iterations"] == 30 and values()["learning_rate"] == 0.01 and values()["init"] == "encode"
+    assert values(devices=gpus)["iterations"] == 300 and values(devices=gpus)["learning_rate"] == 0.07
+    assert values(devices=gpus, device="cpu")["iterations"] == 30
+    assert values(model="other")["iterations"] == 7 and values(model="/data/my_prior")["iterations"] == 100
+    assert values(settingValues={"iterations": 12})["iterations"] == 12  # the user's value wins
+    sent = P.runSettings(_state(methods=methods, method="inverse", models=[LDM]))
+    assert sent["iterations"] == 30 and sent["learning_rate"] == 0.01  # Apply sends what the form shows
+
+
 def test_prior_method_without_prior_asks_for_import():
     view = P.present(_state(method="inverse", models=[dict(LDM, status="not installed")]))
     assert not view.applyEnabled and "Import model" in view.problems[0]

@@ -135,9 +135,17 @@ def test_settings_form_is_built_from_the_schema_and_always_shows_the_parameter_n
         widget = rows[presenter.settingLabel(s["name"])]
         assert isinstance(widget, kinds.get(s["type"], QtWidgets.QLineEdit)), s
         assert widget.toolTip() == s.get("help", "")
+    # The form starts from the default prior's settings for this machine's device (the card's, as on the command
+    # line), not the schema's: a run from the panel is the run the gate measured.
+    method = _methodJson(panel, "paired-ddpm")
+    card = method["priorDefaults"][method["defaultPrior"]["cpu"]]["cpu"]
+    schemaDefault = next(s["default"] for s in schema if s["name"] == "steps")
     steps = rows["Steps"]
-    default = next(s["default"] for s in schema if s["name"] == "steps")
-    assert steps.value() == default
+    default = card["steps"]
+    assert steps.value() == default != schemaDefault
+    assert rows["Adapt"].currentText() == card["adapt"] == "auto" != next(s["default"] for s in schema
+                                                                        if s["name"] == "adapt")
+    assert presenter.runSettings(panel.widget.panelState())["adapt"] == "auto"
 
     steps.setValue(default + 5)  # the user
     assert json.loads(panel.p.methodSettings)["paired-ddpm"]["steps"] == default + 5
@@ -151,6 +159,23 @@ def test_settings_form_is_built_from_the_schema_and_always_shows_the_parameter_n
     assert panel.formRows() == {} and not panel.q("settingsCollapsibleGroupBox").isVisibleTo(panel.root)
     panel.choose("methodComboBox", "paired-ddpm")
     assert panel.formRows()["Steps"].value() == default + 9
+
+
+def test_a_run_that_learns_from_the_scan_shows_that_phase(panel):
+    panel.choose("methodComboBox", "paired-ddpm")
+    rows = panel.formRows()
+    rows["Adapt"].setCurrentText("on")  # the input's 4 mm thick slices: auto would not learn
+    rows["Adapt steps"].setValue(40)
+    rows["Samples"].setValue(1)
+    seen = []
+    panel.q("applyButton").click()
+    assert shim.processEventsUntil(lambda: panel.widget.run is None, timeout=300,
+                                   every=lambda: seen.append(panel.status()))
+    learning = [(v, t) for v, _m, t in seen if "Learning from this scan" in t]
+    assert learning and all(re.fullmatch(r"Step \d+/\d+ - Learning from this scan, step \d+ of \d+ - ETA \d+:\d\d "
+                                         r"\(\d+:\d\d elapsed\)", t) for _v, t in learning), learning[:3]
+    assert max(v for v, _t in learning) <= 50  # the first half of the bar; sampling takes the rest
+    assert panel.dialogs.errors() == [] and volumeNames(panel.scene) == ["T1_thick", "T1_thick_SR-paired-ddpm"]
 
 
 def test_apply_turns_into_cancel_and_back(panel):

@@ -1,0 +1,198 @@
+"""A prior learnt from the scan itself: a small 2D network that restores the thick axis, trained in a few minutes
+on a CPU on the scan's own acquired slices (the idea of SMORE, Zhao et al. 2020: brain anatomy is about alike in
+every direction, so what a slice loses through-plane can be taught by degrading the slices in-plane).
+
+Notation: y the LR input (prior units), a its thick axis, f the factor, A the run's operator (kind, factor,
+profile); b, c the in-plane axes; y_s the acquired slices, images over (b, c) at the HR spacing.
+
+1. pairs: every y_s degraded along b by A (same kind, factor and profile) and B-spline back along b, the target
+   y_s itself; the same along c. Each shown with its degraded axis last, the network's convention. One slice in
+   VALIDATION_EVERY is held out of training to measure the network (step 4).
+2. a residual CNN (DEPTH 3x3 convolutions of WIDTH channels) learns target - input with an L1 loss: Adam, random
+   PATCH^2 crops of the head flipped at random along either axis, the learning rate decaying to zero on a half
+   cosine; it stops after `steps` steps or `seconds`, whichever comes first.
+3. applied to the B-spline upsampled volume's (b, a) and (c, a) planes, a last, the mean of both answers.
+4. scored on the held-out slices' pairs: masked PSNR over their B-spline input (the record's `validation_gain_db`).
+
+Axes are ITK index axes throughout; pure torch, no MONAI (a network this small needs none).
+"""
+
+import math
+import time
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..physics import OperatorSpec
+
+SELF_PAIR_KINDS = ("slice-removal", "thick-slice")
+# The in-plane pairs teach the mapping from f x s to s (s the in-plane spacing); the run needs the mapping from
+# its thick spacing to the HR spacing along a. They are the same mapping only when the HR grid is about isotropic.
+MAX_SPACING_RATIO = 1.5
+# Measured on whole tuning heads at 8 mm (docs/benchmarks.md, "Learning from the scan in 2D")
+DEPTH, WIDTH, PATCH, BATCH, LR = 6, 32, 48, 16, 1e-3
+VALIDATION_EVERY = 7
+PLANES_PER_CALL = 8  # planes per network call when applying: bounds memory on a whole brain
+
+
+def why_not_adaptable(physics) -> Optional[str]:
+    """None when the scan holds in-plane detail at the scale its thick axis lost, else the reason."""
+    if len(physics.axes) != 1:
+        return "%s degrades several axes, so no axis of the input is sharper than the others" % physics.spec.kind
+    if physics.spec.kind not in SELF_PAIR_KINDS:
+        return "pairs are made for thick slices and slice removal, not %s" % physics.spec.kind
+    a = physics.axes[0]
+    spacing = getattr(physics, "hr_spacing", None)
+    if spacing is not None:
+        inplane = [spacing[b] for b in range(3) if b != a]
+        ratio = max(inplane) / spacing[a]
+        if ratio > MAX_SPACING_RATIO or ratio < 1.0 / MAX_SPACING_RATIO:
+            return ("its in-plane spacing (%s mm) is not the output spacing along the thick axis (%.3g mm): the "
+                    "slices hold no detail at the scale to restore" % (" x ".join("%.3g" % s for s in inplane),
+                                                                        spacing[a]))
+    return None
+
+
+def degrade_along(images: torch.Tensor, spec: OperatorSpec, axis: int) -> torch.Tensor:
+    """B-spline upsampling of `spec`'s degradation applied along `axis` (0, 1 or 2) of a 3D stack instead of the
+    spec's own axis: the same kind, factor and slice profile."""
+    f = spec.factors[spec.axes[0]]
+    along = OperatorSpec.make(spec.kind, axis=int(axis), factor=f, profile=spec.profile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a factor not dividing the size only makes the last block partial
+        op = along.bind_hr(tuple(images.shape))
+    return op.upsample(op.forward(images), "cubic")
+
+
+def slice_pairs(y: torch.Tensor, spec: OperatorSpec, axis: int):
+    """(inputs, targets): lists of 2D float32 images, degraded axis last (module docstring, step 1), for the
+    acquired slices of y (LR grid, prior units, thick along `axis`) in the order slice, then b before c."""
+    stack = torch.movedim(y.detach().to("cpu", torch.float64), int(axis), 0)  # (slices, b, c)
+    along_b, along_c = degrade_along(stack, spec, 1), degrade_along(stack, spec, 2)
+    inputs, targets = [], []
+    for s in range(stack.shape[0]):
+        inputs += [along_b[s].T.float(), along_c[s].float()]
+        targets += [stack[s].T.float(), stack[s].float()]
+    return inputs, targets
+
+
+def make_network(depth: int = DEPTH, width: int = WIDTH) -> nn.Module:
+    layers, channels = [], 1
+    for _ in range(depth - 1):
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        channels = width
+    layers.append(nn.Conv2d(channels, 1, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+def _crops(inputs, targets, rng, n, patch, floor):
+    """n random crops (input, target) of the head: a crop whose target is air everywhere is drawn again (up to 8
+    times), so the steps train on anatomy, not on a skull-stripped scan's empty background."""
+    xs, ts = [], []
+    p = min([patch] + [min(x.shape) for x in inputs])  # square crops: the images come in both orientations
+    for _ in range(n):
+        for _attempt in range(8):
+            k = int(rng.integers(len(inputs)))
+            x, t = inputs[k], targets[k]
+            i, j = int(rng.integers(x.shape[0] - p + 1)), int(rng.integers(x.shape[1] - p + 1))
+            cx, ct = x[i:i + p, j:j + p], t[i:i + p, j:j + p]
+            if float(ct.max()) > floor:
+                break
+        flips = [d for d in (0, 1) if rng.random() < 0.5]
+        if flips:
+            cx, ct = cx.flip(flips), ct.flip(flips)
+        xs.append(cx)
+        ts.append(ct)
+    return torch.stack(xs)[:, None], torch.stack(ts)[:, None]
+
+
+def _validation_gain(net, inputs, targets, floor, device) -> Optional[float]:
+    """Masked PSNR gain (dB) of the network over its B-spline input on held-out pairs; None without any."""
+    if not inputs:
+        return None
+    err_in = err_net = 0.0
+    count = 0
+    with torch.no_grad():
+        for x, t in zip(inputs, targets):
+            mask = t > floor
+            if not bool(mask.any()):
+                continue
+            out = (x + net(x[None, None].to(device))[0, 0].cpu())
+            err_in += float(((x - t)[mask] ** 2).sum())
+            err_net += float(((out - t)[mask] ** 2).sum())
+            count += int(mask.sum())
+    if not count or err_net <= 0.0 or err_in <= 0.0:
+        return None
+    return 10.0 * math.log10(err_in / err_net)
+
+
+def learn_from_slices(y: torch.Tensor, spec: OperatorSpec, axis: int, generator: Optional[torch.Generator],
+                      steps: int, seconds: float = 0.0, floor: float = -0.98, progress=None, clock=time.monotonic):
+    """(network, record): the 2D network trained on the slices of y (thick along `axis`, degraded by `spec`'s kind,
+    factor and profile; module docstring, steps 1, 2 and 4). Voxels at or below `floor` are air.
+
+    `seconds` > 0 ends it early; `steps` bounds it, so a run is repeatable wherever the steps fit the budget.
+    """
+    device = y.device
+    inputs, targets = slice_pairs(y, spec, axis)
+    n_slices = len(inputs) // 2
+    held = {s for s in range(n_slices) if n_slices >= VALIDATION_EVERY and s % VALIDATION_EVERY == VALIDATION_EVERY // 2}
+    train = [k for k in range(len(inputs)) if k // 2 not in held]
+    valid = [k for k in range(len(inputs)) if k // 2 in held]
+    # the run's seed, without drawing from its generator: sampling then sees the same noise as without adapting
+    seed = int(generator.initial_seed()) % (2 ** 31 - 1) if generator is not None else 0
+    rng = np.random.default_rng(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the network's initial weights follow the run's seed
+        net = make_network().to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    tr_in, tr_t = [inputs[k] for k in train], [targets[k] for k in train]
+    t0, losses, done, elapsed = clock(), [], 0, 0.0
+    with torch.enable_grad():  # the caller samples under no_grad
+        for step in range(1, int(steps) + 1):
+            # Why decay: single small batches make the last weights wander; a rate that ends at zero settles them
+            used = max((step - 1) / int(steps), elapsed / seconds if seconds else 0.0)
+            for group in opt.param_groups:
+                group["lr"] = LR * 0.5 * (1.0 + math.cos(math.pi * min(used, 1.0)))
+            x, t = (v.to(device) for v in _crops(tr_in, tr_t, rng, BATCH, PATCH, floor))
+            loss = (x + net(x) - t).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            done = step
+            elapsed = clock() - t0
+            if progress is not None:
+                # with a time budget, the step count that fits it is the total (so the bar and its ETA are right)
+                total = int(steps) if not seconds else max(step, min(int(steps), int(step * seconds / max(elapsed, 1e-6))))
+                progress(step, total, "learning from this scan, step %d of %d" % (step, total), loss=losses[-1])
+            if seconds and elapsed >= seconds:
+                break
+    net.eval().requires_grad_(False)
+    gain = _validation_gain(net, [inputs[k] for k in valid], [targets[k] for k in valid], floor, device)
+    first = sum(losses[:50]) / max(len(losses[:50]), 1)
+    last = sum(losses[-50:]) / max(len(losses[-50:]), 1)
+    record = {"steps": done, "seconds": round(elapsed, 2), "pairs": len(train), "held_out_slices": len(held),
+              "validation_gain_db": None if gain is None else round(gain, 3),
+              "loss_first": round(first, 5), "loss_last": round(last, 5)}
+    return net, record
+
+
+def apply_through_plane(net: nn.Module, volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """The network's estimate of `volume` (HR grid, B-spline upsampled along `axis`): the mean of its answers on
+    the two families of planes that contain `axis` (module docstring, step 3)."""
+    device = next(net.parameters()).device
+    v = torch.movedim(volume, axis, -1)  # (b, c, a)
+    out = torch.zeros_like(v)
+    with torch.no_grad():
+        for family in (0, 1):  # planes (c, a) at each b; then planes (b, a) at each c
+            planes = v if family == 0 else v.transpose(0, 1)
+            answer = torch.empty_like(planes)
+            for s in range(0, planes.shape[0], PLANES_PER_CALL):
+                x = planes[s:s + PLANES_PER_CALL, None].to(device, torch.float32)
+                answer[s:s + PLANES_PER_CALL] = (x + net(x))[:, 0].to(v.device, v.dtype)
+            out += answer if family == 0 else answer.transpose(0, 1)
+    return torch.movedim(out / 2.0, -1, axis)
