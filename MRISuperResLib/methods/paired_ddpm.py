@@ -95,8 +95,10 @@ SETTINGS = [
             max=1000000),
     Setting("adapt_seconds", "float", 300.0, "Time budget of that training in seconds (0: no limit; the steps "
             "bound it).", min=0.0, max=86400.0),
-    # 0.6: the best single weight over four tuning heads at 8 mm (0.5 to 0.7 each)
-    Setting("adapt_weight", "float", 0.6, "Share of the network learnt from the scan in the output (the rest is the "
+    # 0.4: on seven tuning heads at 8 mm the best weight was 0.5 to 0.7 in T2-, FLAIR-like and random contrasts but
+    # 0.2 on T1-like heads with a scalp, where the prior is strongest (docs/benchmarks.md); 0.4 keeps most of the
+    # gain elsewhere and loses at most 0.05 dB there
+    Setting("adapt_weight", "float", 0.4, "Share of the network learnt from the scan in the output (the rest is the "
             "diffusion model's; 1: that network alone, 0: the diffusion model alone).", min=0.0, max=1.0),
     SEED,
 ]
