@@ -43,8 +43,8 @@ from .registry import SEED, Setting, SolveResult, register
 AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
 ADAPT_CHOICES = ("off", "auto", "on")
 ADAPT_SHARE = 0.5  # of the progress bar, for the learning when adapt is on (about half the time by default)
-# Where `auto` learns from the scan: where it was measured to help with the default prior (sparse slice removal,
-# 8 mm: +0.2 to +1.1 dB on four tuning heads, docs/benchmarks.md); thick slices and 4 mm are not measured yet
+# Where `auto` learns from the scan: where it was measured with the default prior (slice removal at 8 mm: -0.05 to
+# +0.83 dB over the prior alone on seven tuning heads, docs/benchmarks.md); thick slices and 4 mm not measured yet
 ADAPT_AUTO_KINDS = ("slice-removal",)
 ADAPT_AUTO_MIN_FACTOR = 6.0
 
@@ -189,7 +189,7 @@ def _learn_from_scan(yn, physics, view, settings, progress, generator):
     then gets the same answer however it is stored.
     """
     mode = settings.get("adapt") or "off"
-    if mode == "off" or float(settings.get("adapt_weight", 0.5)) == 0.0:
+    if mode == "off" or float(settings["adapt_weight"]) == 0.0:
         return None, None, progress
     if mode == "auto" and not (physics.spec.kind in ADAPT_AUTO_KINDS
                                and max(physics.spec.factors) >= ADAPT_AUTO_MIN_FACTOR):
