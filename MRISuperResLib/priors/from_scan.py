@@ -89,16 +89,15 @@ def make_network(depth: int = DEPTH, width: int = WIDTH) -> nn.Module:
 
 
 def _crops(inputs, targets, rng, n, patch, floor):
-    """n random crops (input, target) of the head: a crop whose target is air everywhere is drawn again (up to 8
-    times), so the steps train on anatomy, not on a skull-stripped scan's empty background."""
+    """n random patch x patch crops (input, target) of the head: a crop whose target is air everywhere is drawn
+    again (up to 8 times), so the steps train on anatomy, not on a skull-stripped scan's empty background."""
     xs, ts = [], []
-    p = min([patch] + [min(x.shape) for x in inputs])  # square crops: the images come in both orientations
     for _ in range(n):
         for _attempt in range(8):
             k = int(rng.integers(len(inputs)))
             x, t = inputs[k], targets[k]
-            i, j = int(rng.integers(x.shape[0] - p + 1)), int(rng.integers(x.shape[1] - p + 1))
-            cx, ct = x[i:i + p, j:j + p], t[i:i + p, j:j + p]
+            i, j = int(rng.integers(x.shape[0] - patch + 1)), int(rng.integers(x.shape[1] - patch + 1))
+            cx, ct = x[i:i + patch, j:j + patch], t[i:i + patch, j:j + patch]
             if float(ct.max()) > floor:
                 break
         flips = [d for d in (0, 1) if rng.random() < 0.5]
@@ -150,6 +149,7 @@ def learn_from_slices(y: torch.Tensor, spec: OperatorSpec, axis: int, generator:
         net = make_network().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     tr_in, tr_t = [inputs[k] for k in train], [targets[k] for k in train]
+    crop = min([PATCH] + [min(x.shape) for x in tr_in])  # square crops: the images come in both orientations
     t0, losses, done, elapsed = clock(), [], 0, 0.0
     with torch.enable_grad():  # the caller samples under no_grad
         for step in range(1, int(steps) + 1):
@@ -157,7 +157,7 @@ def learn_from_slices(y: torch.Tensor, spec: OperatorSpec, axis: int, generator:
             used = max((step - 1) / int(steps), elapsed / seconds if seconds else 0.0)
             for group in opt.param_groups:
                 group["lr"] = LR * 0.5 * (1.0 + math.cos(math.pi * min(used, 1.0)))
-            x, t = (v.to(device) for v in _crops(tr_in, tr_t, rng, BATCH, PATCH, floor))
+            x, t = (v.to(device) for v in _crops(tr_in, tr_t, rng, BATCH, crop, floor))
             loss = (x + net(x) - t).abs().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
