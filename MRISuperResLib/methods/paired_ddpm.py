@@ -22,6 +22,7 @@ The network sees the volume flipped and its axes swapped into its training orien
 (patch_view; exact, no resampling), and its answer is turned back.
 """
 
+import math
 import time
 
 import numpy as np
@@ -36,17 +37,17 @@ from ..errors import InputError, ResourceError
 from ..intensity import robust_scale
 from ..orientation import apply_reorientation, network_view, undo_reorientation
 from ..priors.ddim import ddim_step
-from ..priors.from_scan import apply_through_plane, learn_from_slices, why_not_adaptable
+from ..priors.from_scan import apply_through_plane, learn_from_slices, sample_phase, why_not_adaptable
 from ..priors.reference import card_direction
 from .registry import SEED, Setting, SolveResult, register
 
 AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
 ADAPT_CHOICES = ("off", "auto", "on")
 ADAPT_SHARE = 0.5  # of the progress bar, for the learning when adapt is on (about half the time by default)
-# Where `auto` learns from the scan: where it was measured with the default prior (slice removal at 8 mm: -0.05 to
-# +0.83 dB over the prior alone on seven tuning heads, docs/benchmarks.md); thick slices and 4 mm not measured yet
-ADAPT_AUTO_KINDS = ("slice-removal",)
-ADAPT_AUTO_MIN_FACTOR = 6.0
+# Where `auto` learns from the scan, {kind: smallest factor}: where it was measured with the default prior (tuning
+# heads, docs/benchmarks.md: slice removal at 8 mm +0.28 to +2.3 dB over the prior alone, thick slices at 5 mm +0.18
+# and +1.17); 4 mm not measured
+ADAPT_AUTO = {"slice-removal": 6.0, "thick-slice": 5.0}
 
 SETTINGS = [
     Setting("steps", "int", 20, "DDIM sampling steps.", min=1, max=1000),
@@ -86,8 +87,8 @@ SETTINGS = [
             "scan's own sharp slices, each degraded in-plane the way the scan is degraded through-plane, then restores "
             "the thick axis; the output is its blend with the diffusion model's (the shipped model is not changed). "
             "on: whenever the scan allows it (thick slices or slice removal along one axis, in-plane spacing close to "
-            "the output spacing), with a warning when it cannot; auto: the same for sparse slice removal (6x or more), "
-            "where it was measured to help. The network's gain on held-out slices is reported, and a network that "
+            "the output spacing), with a warning when it cannot; auto: the same for sparse slice removal (6x or more) "
+            "and thick slices of 5x or more, where it was measured to help. The network's gain on held-out slices is reported, and a network that "
             "does not beat B-spline there is left out. The default prior turns it on (auto).", choices=ADAPT_CHOICES),
     # 3000: on whole tuning heads at 8 mm, 2000 steps beat 1000 by 0.3 to 0.5 dB (2D alone) and 3000 fit the
     # 10-minute budget of a whole brain on 2 CPU cores
@@ -95,10 +96,10 @@ SETTINGS = [
             max=1000000),
     Setting("adapt_seconds", "float", 300.0, "Time budget of that training in seconds (0: no limit; the steps "
             "bound it).", min=0.0, max=86400.0),
-    # 0.4: on seven tuning heads at 8 mm the best weight was 0.5 to 0.7 in T2-, FLAIR-like and random contrasts but
-    # 0.2 on T1-like heads with a scalp, where the prior is strongest (docs/benchmarks.md); 0.4 keeps most of the
-    # gain elsewhere and loses at most 0.05 dB there
-    Setting("adapt_weight", "float", 0.4, "Share of the network learnt from the scan in the output (the rest is the "
+    # 0.8: on five tuning heads at 8 mm the best weight was 0.6 to 0.7 on T1-like heads with a scalp, where the
+    # prior is strongest, and 0.8 to 1 in FLAIR-like, random and stripped T2-like contrasts (docs/benchmarks.md);
+    # 0.8 loses at most 0.03 dB on the first and keeps most of the gain on the others
+    Setting("adapt_weight", "float", 0.8, "Share of the network learnt from the scan in the output (the rest is the "
             "diffusion model's; 1: that network alone, 0: the diffusion model alone).", min=0.0, max=1.0),
     SEED,
 ]
@@ -191,8 +192,7 @@ def _learn_from_scan(yn, physics, view, settings, progress, generator):
     mode = settings.get("adapt") or "off"
     if mode == "off" or float(settings["adapt_weight"]) == 0.0:
         return None, None, progress
-    if mode == "auto" and not (physics.spec.kind in ADAPT_AUTO_KINDS
-                               and max(physics.spec.factors) >= ADAPT_AUTO_MIN_FACTOR):
+    if mode == "auto" and not max(physics.spec.factors) >= ADAPT_AUTO.get(physics.spec.kind, math.inf):
         return None, None, progress
     reason = why_not_adaptable(physics)
     if reason:
@@ -211,8 +211,14 @@ def _learn_from_scan(yn, physics, view, settings, progress, generator):
         record["weight"] = 0.0
         return None, record, progress.sub(ADAPT_SHARE, 1.0)
 
+    a = physics.axes[0]
+    line = [1, 1, 1]
+    line[a] = physics.hr_shape[a]
+    phase = apply_reorientation(sample_phase(physics, a).reshape(line), order, flips).reshape(-1)  # in the view
+
     def estimate(base):
-        return undo_reorientation(apply_through_plane(net, apply_reorientation(base, order, flips), axis), order, flips)
+        return undo_reorientation(apply_through_plane(net, apply_reorientation(base, order, flips), axis, phase),
+                                  order, flips)
 
     return estimate, record, progress.sub(ADAPT_SHARE, 1.0)  # made now, so the sampling ETA starts with sampling
 

@@ -20,6 +20,7 @@ from MRISuperResLib.priors.from_scan import (
     degrade_along,
     learn_from_slices,
     make_network,
+    sample_phase,
     slice_pairs,
     why_not_adaptable,
 )
@@ -34,9 +35,9 @@ def test_a_pair_is_the_runs_operator_applied_along_an_in_plane_axis(kind, axis):
     # shown with the degraded axis last.
     spec = OperatorSpec.make(kind, axis=axis, factor=4)
     y = torch.as_tensor(smooth_volume((24, 28, 20), seed=axis, scale=1.5) * 2 - 1)  # the LR input, sharp in-plane
-    inputs, targets = slice_pairs(y, spec, axis)
+    inputs, targets, phases = slice_pairs(y, spec, axis)
     b, c = [d for d in range(3) if d != axis]
-    assert len(inputs) == 2 * y.shape[axis]
+    assert len(inputs) == len(phases) == 2 * y.shape[axis]
     for d, first in ((b, 0), (c, 1)):
         op = OperatorSpec.make(kind, axis=d, factor=4).bind_hr(tuple(y.shape))
         want = op.upsample(op.forward(y.double()), "cubic")
@@ -47,10 +48,23 @@ def test_a_pair_is_the_runs_operator_applied_along_an_in_plane_axis(kind, axis):
                 img, sharp = img.T, sharp.T  # the degraded axis last
             assert torch.allclose(got.double(), img, atol=1e-6)
             assert torch.allclose(tgt.double(), sharp, atol=1e-6)
+            assert torch.equal(phases[2 * s + first], sample_phase(op, d))
     # Along the run's own axis, the same helper is the run's operator itself.
     physics = spec.bind_hr(tuple(y.shape))
     assert torch.allclose(degrade_along(y.double(), spec, axis), physics.upsample(physics.forward(y.double()), "cubic"),
                           atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["slice-removal", "thick-slice"])
+def test_the_phase_marks_each_voxels_distance_to_the_nearest_sample(kind):
+    # 4x along j over 16 voxels: each LR sample stands at its block's centre, 1.5, 5.5, 9.5, 13.5 (slice removal
+    # interpolates between the block's two middle voxels); -1 on a sample, +1 midway between two.
+    op = OperatorSpec.make(kind, axis=1, factor=4).bind_hr((3, 16, 5))
+    got = sample_phase(op, 1).double().numpy()
+    want = np.abs(np.arange(16)[:, None] - (np.arange(4) * 4.0 + 1.5)[None]).min(1) - 1.0
+    inner = slice(0, 16) if kind == "slice-removal" else slice(4, 12)  # a Gaussian profile is cut at the ends
+    np.testing.assert_allclose(got[inner], want[inner], atol=1e-6 if kind == "slice-removal" else 0.01)
+    assert got.min() >= -1.0 and got.max() <= 1.0
 
 
 def test_inputs_without_finer_in_plane_detail_are_not_adapted():
@@ -69,7 +83,7 @@ def test_the_network_is_applied_on_the_planes_through_the_thick_axis():
     with torch.no_grad():
         net[0].weight.zero_()
         net[0].bias.fill_(1.0)
-    assert torch.allclose(apply_through_plane(net, v, 1), v + 1.0, atol=1e-6)
+    assert torch.allclose(apply_through_plane(net, v, 1, torch.zeros(v.shape[1])), v + 1.0, atol=1e-6)
 
     class Ramp(torch.nn.Module):
         def __init__(self):
@@ -77,13 +91,20 @@ def test_the_network_is_applied_on_the_planes_through_the_thick_axis():
             self.p = torch.nn.Parameter(torch.zeros(1))
 
         def forward(self, x):
-            return torch.arange(x.shape[-1], dtype=x.dtype).expand_as(x)
+            return torch.arange(x.shape[-1], dtype=x.dtype).expand_as(x[:, :1])
+
+    class Phase(Ramp):
+        def forward(self, x):
+            return x[:, 1:2]  # the phase channel itself
 
     for axis in range(3):
         shape = [1, 1, 1]
         shape[axis] = v.shape[axis]
         ramp = torch.arange(v.shape[axis], dtype=v.dtype).reshape(shape)
-        assert torch.allclose(apply_through_plane(Ramp(), v, axis), v + ramp, atol=1e-6)
+        phase = torch.rand(v.shape[axis])
+        assert torch.allclose(apply_through_plane(Ramp(), v, axis, phase), v + ramp, atol=1e-6)
+        # the phase is laid along the thick axis, as in training
+        assert torch.allclose(apply_through_plane(Phase(), v, axis, phase), v + phase.reshape(shape), atol=1e-6)
 
 
 def test_the_held_out_score_tells_a_harmful_network_from_a_useful_one():
@@ -94,11 +115,12 @@ def test_the_held_out_score_tells_a_harmful_network_from_a_useful_one():
     with torch.no_grad():
         net[0].weight.zero_()
         net[0].bias.fill_(0.3)  # a constant offset: worse than its input
-    assert _validation_gain(net, x, t, -2.0, "cpu") < -3.0
+    p = [torch.zeros(16) for _ in range(3)]
+    assert _validation_gain(net, x, t, p, -2.0, "cpu") < -3.0
     with torch.no_grad():
         net[0].bias.zero_()
-    assert _validation_gain(net, x, t, -2.0, "cpu") == pytest.approx(0.0, abs=1e-9)
-    assert _validation_gain(net, [], [], -2.0, "cpu") is None
+    assert _validation_gain(net, x, t, p, -2.0, "cpu") == pytest.approx(0.0, abs=1e-9)
+    assert _validation_gain(net, [], [], [], -2.0, "cpu") is None
 
 
 def _striped_head(shape=(40, 40, 40), period=6.0):
@@ -131,14 +153,14 @@ def test_learning_from_the_scan_beats_the_prior_as_it_came(kind):
     common = {"steps": 1, "samples": 1, "mean_start": True, "patch": 16, "keep_air": False}
     events = []
     plain = super_resolve(lr, "paired-ddpm", spec, dict(common, adapt="off"), prior, device="cpu")
-    tuned = super_resolve(lr, "paired-ddpm", spec, dict(common, adapt="on", adapt_steps=150, adapt_seconds=0), prior,
+    tuned = super_resolve(lr, "paired-ddpm", spec, dict(common, adapt="on", adapt_steps=300, adapt_seconds=0), prior,
                           device="cpu", progress=Progress(events.append))
     mask = truth > 0
     p_plain = psnr(truth, plain.volume.array, 1.0, mask)
     p_tuned = psnr(truth, tuned.volume.array, 1.0, mask)
     assert p_tuned > p_plain + 1.0, (p_plain, p_tuned)
     rec = tuned.info["adapted"]
-    assert rec["steps"] == 150 and rec["loss_last"] < rec["loss_first"] and rec["weight"] == 0.4
+    assert rec["steps"] == 300 and rec["loss_last"] < rec["loss_first"] and rec["weight"] == 0.8
     assert rec["held_out_slices"] >= 1 and rec["validation_gain_db"] > 0.5
     # the time split bench reports: the learning, then the sampling
     phases = tuned.info["phase_seconds"]
@@ -146,21 +168,22 @@ def test_learning_from_the_scan_beats_the_prior_as_it_came(kind):
     assert phases["adaptation"] >= rec["seconds"] > 0 and plain.info["phase_seconds"]["adaptation"] < rec["seconds"]
     # The bar shows the phase with an ETA, then sampling takes the rest of it.
     learn = [e for e in events if e["event"] == "progress" and e["message"].startswith("learning from this scan")]
-    assert len(learn) == 150 and learn[-1]["fraction"] <= 0.5 + 1e-9 and learn[-1]["eta_s"] is not None
+    assert len(learn) == 300 and learn[-1]["fraction"] <= 0.5 + 1e-9 and learn[-1]["eta_s"] is not None
     rest = [e for e in events if e["event"] == "progress" and e not in learn]
     assert rest and rest[-1]["fraction"] == pytest.approx(1.0) and min(e["fraction"] for e in rest) >= 0.5
     assert plain.info["adapted"] is None
     if kind == "thick-slice":
-        # the output is the stated blend: weight 1 is the 2D network alone, the default 0.4 of it with the prior's
-        alone = super_resolve(lr, "paired-ddpm", spec, dict(common, adapt="on", adapt_steps=150, adapt_seconds=0,
+        # the output is the stated blend: weight 1 is the 2D network alone, the default 0.8 of it with the prior's
+        alone = super_resolve(lr, "paired-ddpm", spec, dict(common, adapt="on", adapt_steps=300, adapt_seconds=0,
                                                             adapt_weight=1.0), prior, device="cpu")
-        np.testing.assert_allclose(tuned.volume.array, 0.4 * alone.volume.array + 0.6 * plain.volume.array, atol=1e-5)
+        np.testing.assert_allclose(tuned.volume.array, 0.8 * alone.volume.array + 0.2 * plain.volume.array, atol=1e-5)
 
 
 def test_auto_learns_where_it_was_measured_to_help():
     prior = tiny_paired(2, patch=(8, 8, 8))[0]
     truth = _striped_head((24, 24, 48))
-    for kind, factor, learns in (("slice-removal", 8, True), ("slice-removal", 4, False), ("thick-slice", 6, False)):
+    for kind, factor, learns in (("slice-removal", 8, True), ("slice-removal", 4, False), ("thick-slice", 6, True),
+                                 ("thick-slice", 4, False)):
         spec = OperatorSpec.make(kind, axis=2, factor=factor)
         out = super_resolve(_degraded(truth, spec), "paired-ddpm", spec, {"steps": 1, "adapt": "auto", "adapt_steps": 2},
                             prior, device="cpu")

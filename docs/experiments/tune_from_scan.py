@@ -23,7 +23,7 @@ from MRISuperResLib.intensity import robust_scale
 from MRISuperResLib.metrics import head_mask, psnr
 from MRISuperResLib.physics import OperatorSpec, lr_grid
 from MRISuperResLib.pipeline import super_resolve
-from MRISuperResLib.priors.from_scan import apply_through_plane, learn_from_slices
+from MRISuperResLib.priors.from_scan import apply_through_plane, learn_from_slices, sample_phase
 from MRISuperResLib.priors.store import default_prior
 from MRISuperResLib.volume import Volume
 
@@ -54,7 +54,7 @@ for steps in step_counts:
     t0 = time.time()
     net, record = learn_from_slices(yn, spec, 2, torch.Generator().manual_seed(0), steps, 0.0, -0.98)
     seconds = time.time() - t0
-    estimate = scale.to_input(apply_through_plane(net, upsampled, 2)).numpy()
+    estimate = scale.to_input(apply_through_plane(net, upsampled, 2, sample_phase(op, 2))).numpy()
     run = {"steps": steps, "train_s": round(seconds), "val": record["validation_gain_db"],
            "2d": round(psnr(hr.array, estimate, dr, mask) - base, 3)}
     for w in (0.3, 0.4, 0.5, 0.6, 0.7):
