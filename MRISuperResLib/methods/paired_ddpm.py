@@ -88,8 +88,9 @@ SETTINGS = [
             "the thick axis; the output is its blend with the diffusion model's (the shipped model is not changed). "
             "on: whenever the scan allows it (thick slices or slice removal along one axis, in-plane spacing close to "
             "the output spacing), with a warning when it cannot; auto: the same for sparse slice removal (6x or more) "
-            "and thick slices of 5x or more, where it was measured to help. The network's gain on held-out slices is reported, and a network that "
-            "does not beat B-spline there is left out. The default prior turns it on (auto).", choices=ADAPT_CHOICES),
+            "and thick slices of 5x or more, where it was measured to help. The network's gain on held-out slices is "
+            "reported, and a network that does not beat B-spline there is left out. The default prior turns it on "
+            "(auto).", choices=ADAPT_CHOICES),
     # 3000: on whole tuning heads at 8 mm, 2000 steps beat 1000 by 0.3 to 0.5 dB (2D alone) and 3000 fit the
     # 10-minute budget of a whole brain on 2 CPU cores
     Setting("adapt_steps", "int", 3000, "Most training steps of the network learnt from the scan.", min=1,
