@@ -57,7 +57,7 @@ for steps in step_counts:
     estimate = scale.to_input(apply_through_plane(net, upsampled, 2, sample_phase(op, 2))).numpy()
     run = {"steps": steps, "train_s": round(seconds), "val": record["validation_gain_db"],
            "2d": round(psnr(hr.array, estimate, dr, mask) - base, 3)}
-    for w in (0.3, 0.4, 0.5, 0.6, 0.7):
+    for w in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
         run["w%.1f" % w] = round(psnr(hr.array, (1 - w) * paired + w * estimate, dr, mask) - base, 3)
     result["runs"].append(run)
 print(json.dumps(result))
