@@ -95,9 +95,8 @@ def slice_pairs(y: torch.Tensor, spec: OperatorSpec, axis: int):
     the acquired slices of y (LR grid, prior units, thick along `axis`) in the order slice, then b before c; each
     pair's phase is a 1D tensor along that last axis."""
     stack = torch.movedim(y.detach().to("cpu", torch.float64), int(axis), 0)  # (slices, b, c)
-    op_b, op_c = _along(spec, 1, stack.shape), _along(spec, 2, stack.shape)
-    along_b, along_c = op_b.upsample(op_b.forward(stack), "cubic"), op_c.upsample(op_c.forward(stack), "cubic")
-    phase_b, phase_c = sample_phase(op_b, 1), sample_phase(op_c, 2)
+    along_b, along_c = degrade_along(stack, spec, 1), degrade_along(stack, spec, 2)
+    phase_b, phase_c = (sample_phase(_along(spec, d, stack.shape), d) for d in (1, 2))
     inputs, targets, phases = [], [], []
     for s in range(stack.shape[0]):
         inputs += [along_b[s].T.float(), along_c[s].float()]
