@@ -14,7 +14,8 @@ the model diffusion/paired_model.py, the DDIM step priors/ddim.py.
 4. x = up + residual_scale * z; with `adapt`, x <- (1 - w) x + w n(up), n the 2D network learnt from the scan
    applied through-plane, w = `adapt_weight`; with `keep_air`, x = up wherever the input is air all around (a skull-stripped
    scan's zero background); with `project`, x <- x + A^+ (y - A x)
-5. back to input units; the mean over samples is the output, their std the uncertainty.
+5. back to input units; the mean over samples is the output, their std the uncertainty (with `adapt`, in root sum
+   of squares with w x the std of the 2D network's two answers, its two families of planes).
 Every step's noise prediction covers the whole volume before the update, so all patches share one timestep
 and one noise draw, and overlapping patches never disagree about z.
 Its prior works on patches, not on one grid: it runs on the input's own HR grid, with no registration (native.py).
@@ -37,7 +38,7 @@ from ..errors import InputError, ResourceError
 from ..intensity import robust_scale
 from ..orientation import apply_reorientation, network_view, undo_reorientation
 from ..priors.ddim import ddim_step
-from ..priors.from_scan import apply_through_plane, learn_from_slices, sample_phase, why_not_adaptable
+from ..priors.from_scan import learn_from_slices, sample_phase, through_plane_answers, why_not_adaptable
 from ..priors.reference import card_direction
 from .registry import SEED, Setting, SolveResult, register
 
@@ -45,15 +46,16 @@ AIR_LEVEL = -0.98  # diffusion space: 1% of the input's range above its floor
 ADAPT_CHOICES = ("off", "auto", "on")
 ADAPT_SHARE = 0.5  # of the progress bar, for the learning when adapt is on (about half the time by default)
 # Where `auto` learns from the scan, {kind: smallest factor}: where it was measured with the default prior (tuning
-# heads, docs/benchmarks.md: slice removal at 8 mm +0.28 to +2.3 dB over the prior alone, thick slices at 5 mm +0.18
-# and +1.17); 4 mm not measured
-ADAPT_AUTO = {"slice-removal": 6.0, "thick-slice": 5.0}
+# heads, docs/benchmarks.md: slice removal at 8 mm +0.28 to +2.3 dB over the prior alone, at 4 mm +0.15 to +2.26,
+# thick slices at 5 mm +0.18 and +1.17); thick slices at 4 mm not measured
+ADAPT_AUTO = {"slice-removal": 4.0, "thick-slice": 5.0}
 
 SETTINGS = [
     Setting("steps", "int", 20, "DDIM sampling steps.", min=1, max=1000),
     Setting("eta", "float", 0.0, "DDIM stochasticity (0: deterministic given the seed, 1: DDPM-like).",
             min=0.0, max=1.0),
-    Setting("samples", "int", 1, "Samples; the output is their mean, their std the uncertainty map.",
+    Setting("samples", "int", 1, "Samples; the output is their mean, their std the uncertainty map (with adapt, plus "
+            "the doubt of the network learnt from the scan).",
             min=1, max=64),
     # Measured on two held-out tuning heads at 8 mm (T1- and T2-like): 4 samples in pairs scored above 12
     # independent ones in PSNR and SSIM, at a third of the cost (diffusion/noise.py says why).
@@ -87,7 +89,7 @@ SETTINGS = [
             "scan's own sharp slices, each degraded in-plane the way the scan is degraded through-plane, then restores "
             "the thick axis; the output is its blend with the diffusion model's (the shipped model is not changed). "
             "on: whenever the scan allows it (thick slices or slice removal along one axis, in-plane spacing close to "
-            "the output spacing), with a warning when it cannot; auto: the same for sparse slice removal (6x or more) "
+            "the output spacing), with a warning when it cannot; auto: the same for slice removal of 4x or more "
             "and thick slices of 5x or more, where it was measured to help. The network's gain on held-out slices is "
             "reported, and a network that does not beat B-spline there is left out. The default prior turns it on "
             "(auto).", choices=ADAPT_CHOICES),
@@ -217,8 +219,8 @@ def _learn_from_scan(yn, physics, view, settings, progress, generator):
     line[a] = physics.hr_shape[a]
     phase = apply_reorientation(sample_phase(physics, a).reshape(line), order, flips).reshape(-1)  # in the view
 
-    def estimate(base):
-        return undo_reorientation(apply_through_plane(net, apply_reorientation(base, order, flips), axis, phase),
+    def estimate(base):  # the network's two answers, stacked (through_plane_answers)
+        return undo_reorientation(through_plane_answers(net, apply_reorientation(base, order, flips), axis, phase),
                                   order, flips)
 
     return estimate, record, progress.sub(ADAPT_SHARE, 1.0)  # made now, so the sampling ETA starts with sampling
@@ -295,18 +297,29 @@ def solve(y, physics, prior, settings, progress, generator):
         x = undo_reorientation(up + model.residual_scale * z, order, flips)[:, 0]
         if any(mirrors):
             x = torch.stack([x[s].flip(list(m)) if m else x[s] for s, m in enumerate(mirrors)])
+        doubt = None
         if learnt is not None:
             w = float(settings["adapt_weight"])
-            x = (1.0 - w) * x + w * learnt(base)
+            answers = learnt(base)
+            x = (1.0 - w) * x + w * answers.mean(0)
+            # The samples' spread misses the network's own error: where its two families of planes disagree it is
+            # unsure (their std, |a0 - a1| / sqrt 2). With it the map came 3-4x closer to the error's size on tuning
+            # heads and ranked voxels as well (docs/benchmarks.md).
+            doubt = w * (answers[0] - answers[1]).abs() / math.sqrt(2.0)
         air = input_air(yn, physics) if settings.get("keep_air") else None
         if air is not None:
             x = torch.where(air, base, x)
+            doubt = None if doubt is None else torch.where(air, torch.zeros_like(doubt), doubt)
         if settings["project"]:
             x = physics.data_consistency(x, yn)
         out = scale.to_input(x)
         extras = {}
         if n_samples > 1:
-            extras["uncertainty"] = out.std(0)
+            spread = out.std(0)
+            if doubt is not None:  # in input units, and added as an independent error
+                doubt = doubt * ((scale.hi - scale.lo) / (scale.r1 - scale.r0))
+                spread = torch.sqrt(spread ** 2 + doubt ** 2)
+            extras["uncertainty"] = spread
     info = {"samples": n_samples, "patch": list(patch), "batch": batch,
             "axis_turned_to_k": order[2] if order[2] != 2 else None,
             "view": codes,

@@ -221,19 +221,23 @@ def learn_from_slices(y: torch.Tensor, spec: OperatorSpec, axis: int, generator:
     return net, record
 
 
-def apply_through_plane(net: nn.Module, volume: torch.Tensor, axis: int, phase: torch.Tensor) -> torch.Tensor:
-    """The network's estimate of `volume` (HR grid, B-spline upsampled along `axis`): the mean of its answers on
-    the two families of planes that contain `axis` (module docstring, step 3). `phase`: sample_phase of the run's
-    operator along `axis`, in the volume's storage."""
+def through_plane_answers(net: nn.Module, volume: torch.Tensor, axis: int, phase: torch.Tensor) -> torch.Tensor:
+    """The network's two estimates of `volume` (HR grid, B-spline upsampled along `axis`), stacked: from the planes
+    (c, a) at each b, then from the planes (b, a) at each c (module docstring, step 3). Where they disagree the
+    network is unsure. `phase`: sample_phase of the run's operator along `axis`, in the volume's storage."""
     device = next(net.parameters()).device
     v = torch.movedim(volume, axis, -1)  # (b, c, a)
-    out = torch.zeros_like(v)
+    out = torch.empty((2,) + tuple(v.shape), dtype=v.dtype, device=v.device)
     with torch.no_grad():
-        for family in (0, 1):  # planes (c, a) at each b; then planes (b, a) at each c
+        for family in (0, 1):
             planes = v if family == 0 else v.transpose(0, 1)
-            answer = torch.empty_like(planes)
+            answer = out[family] if family == 0 else out[family].transpose(0, 1)
             for s in range(0, planes.shape[0], PLANES_PER_CALL):
                 x = planes[s:s + PLANES_PER_CALL, None].to(device, torch.float32)
                 answer[s:s + PLANES_PER_CALL] = (x + net(_with_phase(x, phase)))[:, 0].to(v.device, v.dtype)
-            out += answer if family == 0 else answer.transpose(0, 1)
-    return torch.movedim(out / 2.0, -1, axis)
+    return torch.movedim(out, -1, axis + 1)
+
+
+def apply_through_plane(net: nn.Module, volume: torch.Tensor, axis: int, phase: torch.Tensor) -> torch.Tensor:
+    """The network's estimate of `volume`: the mean of its two answers (through_plane_answers)."""
+    return through_plane_answers(net, volume, axis, phase).mean(0)

@@ -179,11 +179,32 @@ def test_learning_from_the_scan_beats_the_prior_as_it_came(kind):
         np.testing.assert_allclose(tuned.volume.array, 0.8 * alone.volume.array + 0.2 * plain.volume.array, atol=1e-5)
 
 
+def test_the_uncertainty_map_adds_the_networks_doubt():
+    # With learning the map is the root sum of squares of (1 - w) x the diffusion samples' spread and w x the spread
+    # of the network's two answers (its two families of planes): at w = 1 the samples agree and only the doubt is left.
+    shape = (32, 28, 32)  # unlike along i and j, so the two families of planes see different images
+    truth = (_striped_head(shape) * (0.8 + 0.4 * smooth_volume(shape, seed=5))).astype(np.float32)
+    spec = OperatorSpec.make("thick-slice", axis=2, factor=2)
+    lr = _degraded(truth, spec)
+    prior = tiny_paired(1, patch=(8, 8, 8))[0]
+    common = {"steps": 1, "samples": 2, "patch": 16, "keep_air": False, "adapt": "on", "adapt_steps": 100,
+              "adapt_seconds": 0}
+    maps = {}
+    for w in (1.0, 0.5, 0.25):  # the same network and the same samples each time: only the weight differs
+        out = super_resolve(lr, "paired-ddpm", spec, dict(common, adapt_weight=w), prior, device="cpu")
+        assert out.info["adapted"]["weight"] == w
+        maps[w] = out.extras["uncertainty"].array.astype(np.float64)
+    doubt2 = maps[1.0] ** 2
+    spread2 = (maps[0.5] ** 2 - 0.25 * doubt2) / 0.25  # the diffusion samples' variance
+    assert doubt2.max() > 1e-6 and spread2.max() > 1e-6
+    np.testing.assert_allclose(maps[0.25] ** 2, 0.5625 * spread2 + 0.0625 * doubt2, rtol=1e-4, atol=1e-8)
+
+
 def test_auto_learns_where_it_was_measured_to_help():
     prior = tiny_paired(2, patch=(8, 8, 8))[0]
     truth = _striped_head((24, 24, 48))
-    for kind, factor, learns in (("slice-removal", 8, True), ("slice-removal", 4, False), ("thick-slice", 6, True),
-                                 ("thick-slice", 4, False)):
+    for kind, factor, learns in (("slice-removal", 8, True), ("slice-removal", 4, True), ("slice-removal", 3, False),
+                                 ("thick-slice", 6, True), ("thick-slice", 4, False)):
         spec = OperatorSpec.make(kind, axis=2, factor=factor)
         out = super_resolve(_degraded(truth, spec), "paired-ddpm", spec, {"steps": 1, "adapt": "auto", "adapt_steps": 2},
                             prior, device="cpu")
