@@ -10,19 +10,16 @@ an operator whose first cubic upsampling returns it; nothing else of the method 
 """
 import json
 import sys
-from dataclasses import replace
 
 import numpy as np
 import torch
+from held_out_case import degraded
 
-from MRISuperResLib.bench.cases import held_out_draw
 from MRISuperResLib.intensity import card_map
 from MRISuperResLib.methods.registry import get_method
-from MRISuperResLib.metrics import head_mask, psnr, ssim
-from MRISuperResLib.physics import OperatorSpec, lr_grid
+from MRISuperResLib.metrics import psnr, ssim
 from MRISuperResLib.pipeline import super_resolve
 from MRISuperResLib.priors.store import default_prior
-from MRISuperResLib.volume import Volume
 
 
 class StartsAt:
@@ -43,14 +40,7 @@ class StartsAt:
 
 
 name, deg = sys.argv[1], sys.argv[2]
-kind, factor = {"sr8": ("slice-removal", 8), "sr4": ("slice-removal", 4)}[deg]
-hr = held_out_draw(name).load()
-spec = OperatorSpec.make(kind, 2, factor)
-op = replace(spec.bind_hr(hr.grid.shape), hr_spacing=tuple(hr.grid.spacing))
-y = op.forward(torch.as_tensor(hr.array, dtype=torch.float64)).float()
-lr = Volume(y.numpy(), lr_grid(hr.grid, op))
-mask = head_mask(hr)
-dr = float(hr.array.max() - hr.array.min())
+hr, spec, op, y, lr, mask, dr = degraded(name, deg)
 row = {"case": name, "deg": deg}
 bspline = super_resolve(lr, "bspline", spec, {}, None, "cpu", seed=0).volume.array
 base = psnr(hr.array, bspline, dr, mask)

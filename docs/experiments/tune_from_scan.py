@@ -13,31 +13,21 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
+from held_out_case import degraded
 
-from MRISuperResLib.bench.cases import held_out_draw
 from MRISuperResLib.intensity import robust_scale
-from MRISuperResLib.metrics import head_mask, psnr
-from MRISuperResLib.physics import OperatorSpec, lr_grid
+from MRISuperResLib.metrics import psnr
 from MRISuperResLib.pipeline import super_resolve
 from MRISuperResLib.priors.from_scan import apply_through_plane, learn_from_slices, sample_phase
 from MRISuperResLib.priors.store import default_prior
-from MRISuperResLib.volume import Volume
 
 name, deg = sys.argv[1], sys.argv[2]
 step_counts = [int(s) for s in sys.argv[3].split(",")]
 cache_dir = sys.argv[4] if len(sys.argv) > 4 else "."
-kind, factor = {"sr8": ("slice-removal", 8), "ts5": ("thick-slice", 5), "sr4": ("slice-removal", 4)}[deg]
-hr = held_out_draw(name).load()
-spec = OperatorSpec.make(kind, 2, factor)
-op = replace(spec.bind_hr(hr.grid.shape), hr_spacing=tuple(hr.grid.spacing))
-y = op.forward(torch.as_tensor(hr.array, dtype=torch.float64)).float()
-lr = Volume(y.numpy(), lr_grid(hr.grid, op))
-mask = head_mask(hr)
-dr = float(hr.array.max() - hr.array.min())
+hr, spec, op, y, lr, mask, dr = degraded(name, deg)
 base = psnr(hr.array, super_resolve(lr, "bspline", spec, {}, None, "cpu", seed=0).volume.array, dr, mask)
 cache = os.path.join(cache_dir, "%s_%s_paired.npy" % (name.replace(":", "_"), deg))
 if os.path.exists(cache):

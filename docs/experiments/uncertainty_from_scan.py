@@ -18,19 +18,16 @@ s_n^2) (s_d the diffusion samples' spread, s_n the network's), for several k. Re
 import json
 import os
 import sys
-from dataclasses import replace
 
 import numpy as np
 import torch
+from held_out_case import degraded
 
-from MRISuperResLib.bench.cases import held_out_draw
 from MRISuperResLib.intensity import robust_scale
-from MRISuperResLib.metrics import head_mask, psnr
-from MRISuperResLib.physics import OperatorSpec, lr_grid
+from MRISuperResLib.metrics import psnr
 from MRISuperResLib.pipeline import super_resolve
 from MRISuperResLib.priors.from_scan import learn_from_slices, sample_phase, through_plane_answers
 from MRISuperResLib.priors.store import default_prior
-from MRISuperResLib.volume import Volume
 
 
 def ranks(v):
@@ -49,13 +46,7 @@ def scores(name, u, err):
 name, deg = sys.argv[1], sys.argv[2]
 cache_dir = sys.argv[3] if len(sys.argv) > 3 else "."
 w = 0.8
-kind, factor = {"sr8": ("slice-removal", 8), "ts5": ("thick-slice", 5), "sr4": ("slice-removal", 4)}[deg]
-hr = held_out_draw(name).load()
-spec = OperatorSpec.make(kind, 2, factor)
-op = replace(spec.bind_hr(hr.grid.shape), hr_spacing=tuple(hr.grid.spacing))
-y = op.forward(torch.as_tensor(hr.array, dtype=torch.float64)).float()
-lr = Volume(y.numpy(), lr_grid(hr.grid, op))
-mask = head_mask(hr)
+hr, spec, op, y, lr, mask, dr = degraded(name, deg)
 cache = os.path.join(cache_dir, "%s_%s_paired_std.npz" % (name.replace(":", "_"), deg))
 if os.path.exists(cache):
     stored = np.load(cache)
@@ -76,7 +67,6 @@ for label, u in (("diffusion", u_diffusion), ("network", u_network),
                  ("both", np.sqrt(u_diffusion ** 2 + u_network ** 2))):
     print(json.dumps(dict(scores(label, u, err), case=name, deg=deg)))
 
-dr = float(hr.array.max() - hr.array.min())
 base = psnr(hr.array, super_resolve(lr, "bspline", spec, {}, None, "cpu", seed=0).volume.array, dr, mask)
 row = {"case": name, "deg": deg, "fixed_w": round(psnr(hr.array, blend, dr, mask) - base, 3)}
 s_d2, s_n2 = spread ** 2, (answers[0] - answers[1]) ** 2 / 2.0
