@@ -302,10 +302,11 @@ def solve(y, physics, prior, settings, progress, generator):
             w = float(settings["adapt_weight"])
             answers = learnt(base)
             x = (1.0 - w) * x + w * answers.mean(0)
-            # The samples' spread misses the network's own error: where its two families of planes disagree it is
-            # unsure (their std, |a0 - a1| / sqrt 2). With it the map came 3-4x closer to the error's size on tuning
-            # heads and ranked voxels as well (docs/benchmarks.md).
-            doubt = w * (answers[0] - answers[1]).abs() / math.sqrt(2.0)
+            if n_samples > 1:  # only the uncertainty map needs it
+                # The samples' spread misses the network's own error: where its two families of planes disagree it
+                # is unsure (their std, |a0 - a1| / sqrt 2). With it the map came 3-4x closer to the error's size on
+                # tuning heads and ranked voxels as well (docs/benchmarks.md).
+                doubt = w * (answers[0] - answers[1]).abs() / math.sqrt(2.0)
         air = input_air(yn, physics) if settings.get("keep_air") else None
         if air is not None:
             x = torch.where(air, base, x)
